@@ -1,0 +1,483 @@
+"""Everything that is *not* the algorithm, shared by every minimal_*.py file.
+
+Tasks and rewards, the tiny default policy and its tokenizer, the supervised warm-up that turns it
+into a "base model", batched sampling, per-token log-probs, held-out evaluation, the command line
+and the one-line step logger. Advantages, targets, gates, losses and the update itself live in the
+algorithm files, in plain sight.
+
+The default policy is a real `transformers.LlamaForCausalLM` built from a config, with a real
+`PreTrainedTokenizerFast` over the task's characters, so `--model NAME_OR_PATH` can swap in any
+Hugging Face causal LM. Nothing is downloaded unless you pass `--model` with a hub id.
+"""
+import ast
+import argparse
+import dataclasses
+import inspect
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+# --------------------------------------------------------------------------------------------------
+# Loud failures: one sentence, no traceback, non-zero exit.
+
+
+def fail(message):
+    """Stop the program with a one-sentence error (exit status 2), before or during a run."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_finite(value, step, name="loss"):
+    """A NaN or Inf anywhere in training stops the run and says at which step."""
+    if not torch.isfinite(torch.as_tensor(value)).all():
+        fail(f"{name} is not finite at step {step}; lower --lr or check the reward")
+
+
+# --------------------------------------------------------------------------------------------------
+# Tasks. A task makes prompts, scores completions (as text, so any tokenizer can play) and owns a
+# fixed held-out test set that never overlaps the training strings.
+
+
+@dataclass
+class Example:
+    prompt: str  # what the policy sees, e.g. "abcd="
+    answer: str  # the reference answer, e.g. "dcba"
+    context: str  # privileged information that only a teacher may see (here: the answer itself)
+
+
+def char_accuracy(pred, target):
+    """Per-character credit: matches at aligned positions over the longer of the two lengths.
+
+    A completion of the wrong length loses credit for every missing or extra character, so the
+    reward cannot be gamed by stopping early or rambling: "dcba" vs "dcba" -> 1, "dcb" -> 0.75,
+    "dcbaa" -> 0.8, "" -> 0.
+    """
+    n = max(len(pred), len(target))
+    return sum(p == t for p, t in zip(pred, target)) / n if n else 1.0
+
+
+class Task:
+    name = ""
+    alphabet = ""  # every character a prompt, answer or privileged context can contain
+    separator = "|"  # joins privileged context to a prompt for a teacher's view
+
+    def __init__(self, binary=False, test_size=256, test_seed=1234):
+        self.binary = binary
+        test_rng = random.Random(test_seed)  # fixed: the same test set for every run seed
+        self.test = []
+        seen = set()
+        while len(self.test) < test_size:
+            ex = self.make_example(test_rng)
+            if ex.prompt not in seen:
+                seen.add(ex.prompt)
+                self.test.append(ex)
+        self.test_prompts = seen
+
+    def make_example(self, rng):
+        raise NotImplementedError
+
+    def sample(self, rng, n):
+        """n fresh training examples from a seeded `random.Random`; never a held-out prompt."""
+        out = []
+        while len(out) < n:
+            ex = self.make_example(rng)
+            if ex.prompt not in self.test_prompts:
+                out.append(ex)
+        return out
+
+    def dataset(self, examples):
+        """The same examples as a `datasets.Dataset` (columns prompt, answer, context)."""
+        import datasets  # imported here: it is slow to import and only needed on request
+
+        return datasets.Dataset.from_list([dataclasses.asdict(ex) for ex in examples])
+
+    def teacher_prompt(self, ex):
+        """The prompt with the privileged context in front, for methods with a privileged teacher."""
+        return ex.context + self.separator + ex.prompt
+
+    def reward(self, text, ex):
+        """Scalar reward of one completion (text up to, not including, the end-of-sequence token)."""
+        if self.binary:
+            return float(text == ex.answer)
+        return char_accuracy(text, ex.answer)
+
+    def rewards(self, texts, examples):
+        """Rewards of a batch as a float tensor of shape (N,)."""
+        return torch.tensor([self.reward(t, ex) for t, ex in zip(texts, examples)])
+
+    def reward_vector(self, text, ex, k=3):
+        """A k-objective reward for vector-reward methods: per-character credit on each of k equal
+        slices of the answer, each scaled by the same length penalty. Their mean is the scalar
+        partial-credit reward when the answer length is a multiple of k."""
+        n = len(ex.answer)
+        bounds = [round(i * n / k) for i in range(k + 1)]
+        scale = n / max(len(text), n)
+        return [scale * sum(text[i:i + 1] == ex.answer[i] for i in range(a, b)) / max(b - a, 1)
+                for a, b in zip(bounds, bounds[1:])]
+
+
+class ReverseTask(Task):
+    """Reverse a random string: "abcd=" -> "dcba". Dense partial credit by default, `--binary` for
+    exact match. Strings are drawn from a small alphabet with a length range, so the policy must get
+    both the characters and the length right."""
+    name = "reverse"
+    letters = "abcd"
+    alphabet = letters + "=|"
+
+    def __init__(self, min_len=3, max_len=6, **kw):
+        self.min_len, self.max_len = min_len, max_len
+        super().__init__(**kw)
+
+    def make_example(self, rng):
+        s = "".join(rng.choice(self.letters) for _ in range(rng.randint(self.min_len, self.max_len)))
+        return Example(prompt=s + "=", answer=s[::-1], context=s[::-1])
+
+
+class AddTask(Task):
+    """Add two integers: "37+45=" -> "82". Exact-match reward only: the sparse-reward counterpart."""
+    name = "add"
+    alphabet = "0123456789+=|"
+
+    def __init__(self, max_value=99, **kw):
+        self.max_value = max_value
+        super().__init__(**kw)
+
+    def make_example(self, rng):
+        a, b = rng.randint(0, self.max_value), rng.randint(0, self.max_value)
+        return Example(prompt=f"{a}+{b}=", answer=str(a + b), context=str(a + b))
+
+    def reward(self, text, ex):
+        return float(text == ex.answer)
+
+
+TASKS = {"reverse": ReverseTask, "add": AddTask}
+
+
+def make_task(name, binary=False):
+    if name not in TASKS:
+        fail(f"--task {name!r} is unknown; choose one of {', '.join(TASKS)}")
+    return TASKS[name](binary=binary)
+
+
+# --------------------------------------------------------------------------------------------------
+# The policy: a tiny Llama and a character tokenizer built locally, or any Hugging Face causal LM.
+
+
+def build_char_tokenizer(alphabet):
+    """A character-level `PreTrainedTokenizerFast`: one token per character plus pad/bos/eos/unk."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<bos>", "<eos>", "<unk>"]
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(set(alphabet)))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    backend.decoder = decoders.Fuse()  # "d","c","b" -> "dcb", no spaces
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>",
+                                   eos_token="<eos>", unk_token="<unk>", padding_side="left")
+
+
+def build_tiny_model(tok, hidden=64, layers=2, heads=8):
+    """A 2-layer, 64-wide, 8-head Llama (about 0.1M parameters), weights drawn from `torch.manual_seed`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=4 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                         max_position_embeddings=64, tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    config._attn_implementation = "eager"  # faster than SDPA at this size on a CPU
+    return LlamaForCausalLM(config)
+
+
+def load_pretrained(name):
+    """Any Hugging Face causal LM and its tokenizer, from a local folder or the hub (never remote code)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    looks_like_path = name.startswith((".", "/", "~")) or os.sep + os.sep in name
+    if looks_like_path and not os.path.isdir(os.path.expanduser(name)):
+        fail(f"--model {name!r} is not an existing folder")
+    try:
+        tok = AutoTokenizer.from_pretrained(os.path.expanduser(name), padding_side="left")
+        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(name))
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        fail(f"--model {name!r} could not be loaded as a local folder or hub id ({first})")
+    if tok.eos_token_id is None:
+        fail(f"--model {name!r} has a tokenizer without an end-of-sequence token")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # the completion mask is built from the first EOS, so this is safe
+    return model, tok
+
+
+def supervised_warmup(model, tok, task, steps, seed, batch=64, lr=3e-3):
+    """Teacher-forced training on a few batches of correct answers: a "base model" that is partly
+    competent, so RL sharpens a model as in real post-training instead of starting from noise."""
+    rng = random.Random(seed + 10_000)  # its own stream: the warm-up never shifts the RL prompts
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    device = next(model.parameters()).device
+    for _ in range(steps):
+        examples = task.sample(rng, batch)
+        prompt_ids, prompt_mask = encode(tok, [ex.prompt for ex in examples], device)
+        answers = tok([ex.answer + tok.eos_token for ex in examples], add_special_tokens=False,
+                      padding=True, padding_side="right", return_tensors="pt").to(device)
+        r = Rollout(prompt_ids, prompt_mask, answers.input_ids, answers.attention_mask.float(),
+                    truncated=None, texts=None)
+        logp, _ = token_logprobs(model, r)
+        loss = -(logp * r.completion_mask).sum() / r.completion_mask.sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def load_policy(args, task, device):
+    """The policy and tokenizer: the tiny default (built, then warmed up) or a pretrained `--model`."""
+    if args.model:
+        model, tok = load_pretrained(args.model)
+    else:
+        tok = build_char_tokenizer(task.alphabet)
+        model = build_tiny_model(tok)
+    model.to(device)
+    need = max(len(tok(ex.answer, add_special_tokens=False).input_ids) for ex in task.test) + 1
+    if args.max_new_tokens < need:
+        fail(f"--max_new_tokens {args.max_new_tokens} is too small for task {task.name!r}: "
+             f"its answers need up to {need} tokens including the end-of-sequence token")
+    if not args.model and args.warmup_steps > 0:
+        supervised_warmup(model, tok, task, args.warmup_steps, args.seed)
+    return model, tok
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampling and log-probs. Prompts are left-padded so every completion starts in the same column.
+
+
+@dataclass
+class Rollout:
+    prompt_ids: torch.Tensor  # (N, P) left-padded prompt (or any prefix to continue from)
+    prompt_mask: torch.Tensor  # (N, P) 1 on real tokens
+    completion_ids: torch.Tensor  # (N, T) sampled tokens, padding after the first EOS
+    completion_mask: torch.Tensor  # (N, T) float, 1 up to and including the first EOS
+    truncated: torch.Tensor  # (N,) bool, True where no EOS came within the token budget
+    texts: list  # N decoded completions, without the EOS
+    temperature: float = 1.0  # log-probs are taken at the temperature that sampled the tokens
+
+    @property
+    def lengths(self):
+        return self.completion_mask.sum(1)  # (N,) tokens per completion, EOS included
+
+
+def encode(tok, texts, device):
+    """Left-padded token ids and attention mask for a list of prompt strings."""
+    enc = tok(texts, padding=True, padding_side="left", return_tensors="pt")
+    return enc.input_ids.to(device), enc.attention_mask.to(device)
+
+
+def completion_mask_from(tokens, eos_id):
+    """1 for every token up to and including the first EOS, 0 after it: (N, T) float."""
+    is_eos = (tokens == eos_id).long()
+    eos_before = is_eos.cumsum(1) - is_eos  # how many EOS strictly before each position
+    return (eos_before == 0).float()
+
+
+@torch.no_grad()
+def sample(model, tok, prompt_ids, prompt_mask, max_new_tokens, temperature=1.0, greedy=False):
+    """Autoregressive sampling with a KV cache; each row stops at its first EOS."""
+    n, device = prompt_ids.size(0), prompt_ids.device
+    mask = prompt_mask
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    next_pos = positions[:, -1:] + 1
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    tokens = []
+    for _ in range(max_new_tokens):
+        logits = out.logits[:, -1].float()
+        if greedy:
+            nxt = logits.argmax(-1)
+        else:
+            nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1).squeeze(1)
+        nxt = torch.where(done, torch.full_like(nxt, tok.pad_token_id), nxt)
+        tokens.append(nxt)
+        done |= nxt == tok.eos_token_id
+        if done.all():
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos,
+                    past_key_values=out.past_key_values, use_cache=True)
+        next_pos = next_pos + 1
+    completion = torch.stack(tokens, 1)  # (N, T)
+    cmask = completion_mask_from(completion, tok.eos_token_id)
+    truncated = ~(completion == tok.eos_token_id).any(1)
+    texts = [tok.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(completion, cmask)]
+    return Rollout(prompt_ids, prompt_mask, completion, cmask, truncated, texts, temperature)
+
+
+def completion_logits(model, rollout):
+    """Logits that predicted each completion token: (N, T, V), one forward pass over prompt+completion."""
+    ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], 1)
+    mask = torch.cat([rollout.prompt_mask, rollout.completion_mask.long()], 1)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    p = rollout.prompt_ids.size(1)
+    return logits[:, p - 1:-1].float() / rollout.temperature
+
+
+def token_logprobs(model, rollout):
+    """Per-token log-probs of the sampled tokens (with grad) and entropies of the full next-token
+    distribution (no grad, a metric): both (N, T). Mask them with `rollout.completion_mask`."""
+    logp_all = completion_logits(model, rollout).log_softmax(-1)
+    logp = logp_all.gather(-1, rollout.completion_ids[..., None]).squeeze(-1)
+    with torch.no_grad():
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+def masked_mean(x, mask):
+    """Mean of x over the positions where mask is 1 (a token mean: padding never counts)."""
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def mean_length_wrong(rollout, rewards):
+    """Mean length of the completions that are not fully right (reward below 1); 0 if there are none.
+    Dr. GRPO's diagnostic: under per-sequence length normalisation wrong answers tend to grow."""
+    wrong = rewards.reshape(-1) < 1
+    return rollout.lengths[wrong].mean() if wrong.any() else torch.tensor(0.0)
+
+
+def rollout_groups(model, tok, task, examples, group_size, args, device):
+    """Sample `group_size` completions per example and score them: the Rollout and rewards (P, G)."""
+    repeated = [ex for ex in examples for _ in range(group_size)]
+    prompt_ids, prompt_mask = encode(tok, [ex.prompt for ex in repeated], device)
+    rollout = sample(model, tok, prompt_ids, prompt_mask, args.max_new_tokens, args.temperature)
+    rewards = task.rewards(rollout.texts, repeated).to(device)
+    return rollout, rewards.view(len(examples), group_size)
+
+
+@torch.no_grad()
+def evaluate(model, tok, task, device, max_new_tokens):
+    """Greedy decoding on the held-out set: (per-character accuracy, exact-match rate)."""
+    model.eval()
+    prompt_ids, prompt_mask = encode(tok, [ex.prompt for ex in task.test], device)
+    rollout = sample(model, tok, prompt_ids, prompt_mask, max_new_tokens, greedy=True)
+    model.train()
+    acc = sum(char_accuracy(t, ex.answer) for t, ex in zip(rollout.texts, task.test)) / len(task.test)
+    exact = sum(t == ex.answer for t, ex in zip(rollout.texts, task.test)) / len(task.test)
+    return acc, exact
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line: one dataclass of settings per file, every field a flag, its docstring the help text.
+
+
+def field_docs(cls):
+    """The string literal under each field of a dataclass, as {field: doc}."""
+    tree = ast.parse(inspect.getsource(cls))
+    body, docs = tree.body[0].body, {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def parse_args(cls, argv=None):
+    """Build an argparse parser from the dataclass `cls` and return a filled-in instance."""
+    module = sys.modules[cls.__module__]
+    parser = argparse.ArgumentParser(description=(module.__doc__ or "").split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        if f.type is bool:
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
+                                help=docs.get(f.name, ""))
+        else:
+            parser.add_argument(f"--{f.name}", type=f.type, default=f.default, help=docs.get(f.name, ""))
+    return cls(**vars(parser.parse_args(argv)))
+
+
+def check_common_args(args, min_group=2):
+    """Checks that every file shares. Each sentence names the flag to change."""
+    if args.task not in TASKS:
+        fail(f"--task {args.task!r} is unknown; choose one of {', '.join(TASKS)}")
+    for name in ("steps", "prompts_per_step", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            fail(f"--{name} must be a positive whole number, got {getattr(args, name)}")
+    if args.group_size < min_group:
+        fail(f"--group_size must be at least {min_group} for a group baseline, got {args.group_size}")
+    for name in ("lr", "temperature", "max_grad_norm"):
+        if not getattr(args, name) > 0:
+            fail(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.warmup_steps < 0 or args.eval_every < 0:
+        fail("--warmup_steps and --eval_every must not be negative")
+    if args.binary and args.task != "reverse":
+        fail("--binary applies to --task reverse only (add is always scored by exact match)")
+    if args.device not in ("auto", "cpu", "cuda", "mps"):
+        fail(f"--device {args.device!r} is unknown; choose auto, cpu, cuda or mps")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda was asked for but no CUDA device is available")
+    if args.device == "mps" and not torch.backends.mps.is_available():
+        fail("--device mps was asked for but MPS is not available")
+
+
+def pick_device(name):
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def setup(args):
+    """Seed everything, build the task and the policy (run `check_args` first). Returns
+    (task, model, tokenizer, device, logger, rng), where rng draws the training prompts."""
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = pick_device(args.device)
+    task = make_task(args.task, binary=args.binary)
+    model, tok = load_policy(args, task, device)
+    logger = Logger(args.log_jsonl)
+    return task, model, tok, device, logger, random.Random(args.seed)
+
+
+# --------------------------------------------------------------------------------------------------
+# Logging: one `key=value` line per step, the same leading keys in every file.
+
+
+def fmt(v):
+    if isinstance(v, bool) or isinstance(v, int):
+        return str(int(v))
+    v = float(v)
+    return f"{v:.4f}" if abs(v) < 1e4 else f"{v:.4g}"
+
+
+class Logger:
+    """Prints `key=value` lines and, with --log_jsonl, writes the same records as JSON lines."""
+
+    def __init__(self, jsonl_path=""):
+        self.start = time.time()
+        self.file = open(jsonl_path, "w") if jsonl_path else None
+
+    def _emit(self, kind, record, prefix=""):
+        record = {k: (float(v) if torch.is_tensor(v) else v) for k, v in record.items()}
+        print(prefix + " ".join(f"{k}={fmt(v)}" for k, v in record.items()), flush=True)
+        if self.file:
+            self.file.write(json.dumps({"kind": kind, **record}) + "\n")
+            self.file.flush()
+
+    def step(self, step, **metrics):
+        self._emit("step", {"step": step, **metrics})
+
+    def eval(self, step, test_acc, exact):
+        self._emit("eval", {"step": step, "test_acc": test_acc, "exact": exact}, prefix="eval ")
+
+    def final(self, test_acc, exact, base_acc):
+        self._emit("final", {"test_acc": test_acc, "exact": exact, "base_acc": base_acc,
+                             "time_s": time.time() - self.start}, prefix="final ")
+        if self.file:
+            self.file.close()
+
