@@ -1,0 +1,282 @@
+"""Tests of toy_tasks.py, minimal_pg.py and minimal_grpo.py: hand-worked math, the shared plumbing,
+the command line, repeatability, and the default runs' accuracy."""
+import json
+import math
+
+import pytest
+import torch
+
+import minimal_grpo as grpo
+import minimal_pg as pg
+import toy_tasks as tt
+
+SCRIPTS = ["minimal_pg.py", "minimal_grpo.py"]
+FAST = ["--steps", 2, "--warmup_steps", 2, "--eval_every", 0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Advantages, KL, clipping and aggregation against numbers worked out by hand.
+
+
+def test_pg_leave_one_out_advantage():
+    # r = [1, 0, 0, 0]: A_0 = 1 - mean(0, 0, 0) = 1;  A_1 = 0 - mean(1, 0, 0) = -1/3.
+    adv = pg.group_advantages(torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.5, 0.5]]))
+    assert torch.allclose(adv[0], torch.tensor([1.0, -1 / 3, -1 / 3, -1 / 3]))
+    assert torch.equal(adv[1], torch.zeros(4))  # no signal when the group agrees
+
+
+def test_grpo_standardised_advantage():
+    # r = [1, 0, 0, 0]: mean 0.25, population std sqrt(0.25 * 0.75) = 0.4330127.
+    # A_0 = 0.75 / (0.4330127 + 1e-4) = 1.731651;  A_1 = -0.25 / 0.4331127 = -0.577217.
+    adv = grpo.group_advantages(torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.3, 0.3, 0.3, 0.3]]))
+    assert torch.allclose(adv[0], torch.tensor([1.731651, -0.577217, -0.577217, -0.577217]), atol=1e-5)
+    assert torch.equal(adv[1], torch.zeros(4))  # all-equal group: zero, not 0/0
+    # the 1/std amplification: a tiny gap gets the same advantages as a large one (up to eps)
+    tiny = grpo.group_advantages(torch.tensor([[0.51, 0.5, 0.5, 0.5]]), eps=0.0)
+    assert torch.allclose(tiny[0], torch.tensor([1.732051, -0.577350, -0.577350, -0.577350]), atol=1e-4)
+
+
+def test_k3_kl():
+    # pi = 0.5, ref = 0.25: d = log(0.25/0.5) = -0.693147; exp(d) - d - 1 = 0.5 + 0.693147 - 1 = 0.193147
+    logp, ref = torch.tensor([math.log(0.5), math.log(0.3)]), torch.tensor([math.log(0.25), math.log(0.3)])
+    for module in (pg, grpo):
+        assert torch.allclose(module.kl_k3(logp, ref), torch.tensor([0.193147, 0.0]), atol=1e-6)
+
+
+def test_aggregation():
+    per_token = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    assert pg.aggregate(per_token, mask).item() == pytest.approx((3 + 4) / 2)  # sums 3 and 4
+    assert grpo.aggregate(per_token, mask).item() == pytest.approx((1.5 + 4) / 2)  # means 1.5 and 4
+
+
+def test_grpo_clipped_surrogate_at_both_edges():
+    # one token per completion; ratio 1.5 and 0.5, advantage +1 and -1, eps 0.2, no KL.
+    # min(rho A, clip(rho) A): (1.5, +1) -> 1.2; (1.5, -1) -> -1.5; (0.5, +1) -> 0.5; (0.5, -1) -> -0.8
+    old = torch.zeros(4, 1)
+    logp = torch.log(torch.tensor([[1.5], [1.5], [0.5], [0.5]])).requires_grad_()
+    adv, mask = torch.tensor([1.0, -1.0, 1.0, -1.0]), torch.ones(4, 1)
+    loss, stats = grpo.policy_loss(logp, old, old, adv, mask, clip_eps=0.2, beta=0.0)
+    assert loss.item() == pytest.approx(-(1.2 - 1.5 + 0.5 - 0.8) / 4)
+    assert stats["clip_frac"].item() == pytest.approx(1.0)  # every ratio lies outside [0.8, 1.2]
+    loss.backward()
+    # the clipped side has no gradient; the unclipped side has d(-rho A / 4)/dlogp = -rho A / 4
+    assert torch.allclose(logp.grad.view(-1), torch.tensor([0.0, 1.5 / 4, -0.5 / 4, 0.0]))
+
+
+def test_grpo_kl_term_enters_the_loss():
+    logp = torch.zeros(1, 2, requires_grad=True)
+    ref = torch.full((1, 2), math.log(0.5))  # k3 = exp(log .5) - log .5 - 1 = 0.193147 per token
+    loss, stats = grpo.policy_loss(logp, logp.detach(), ref, torch.zeros(1), torch.ones(1, 2), 0.2, beta=0.1)
+    assert loss.item() == pytest.approx(0.1 * 0.193147, abs=1e-6)
+    assert stats["kl"].item() == pytest.approx(0.193147, abs=1e-6)
+
+
+def test_pg_ratio_is_one_and_nothing_clips():
+    logp = torch.randn(3, 4, requires_grad=True)
+    _, stats = pg.policy_loss(logp, logp.detach(), torch.tensor([1.0, -0.5, 0.2]), torch.ones(3, 4))
+    assert stats["ratio"].item() == 1.0 and stats["clip_frac"].item() == 0.0 and stats["kl"].item() == 0.0
+
+
+def test_grpo_equals_pg_in_the_limit():
+    """The limit: one inner epoch (rho = 1, so the clip is inactive), beta = 0, one group and every
+    completion of the same length L. Then GRPO's gradient is PG's times the constant
+    c = (G - 1) / (G * (std + eps) * L): the same direction, so the same Adam step up to Adam's eps."""
+    g, length = 4, 5
+    rewards = torch.tensor([[1.0, 0.2, 0.6, 0.0]])
+    logp_pg = torch.randn(g, length).requires_grad_()
+    logp_grpo = logp_pg.detach().clone().requires_grad_()
+    mask = torch.ones(g, length)
+    pg.policy_loss(logp_pg, logp_pg.detach(), pg.group_advantages(rewards).view(-1), mask)[0].backward()
+    grpo.policy_loss(logp_grpo, logp_grpo.detach(), logp_grpo.detach(), grpo.group_advantages(rewards).view(-1),
+                     mask, clip_eps=0.2, beta=0.0)[0].backward()
+    std = rewards.std(unbiased=False).item()
+    c = (g - 1) / (g * (std + 1e-4) * length)
+    assert torch.allclose(logp_grpo.grad, c * logp_pg.grad, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# The shared plumbing in toy_tasks.py.
+
+
+def test_char_accuracy_and_rewards():
+    assert tt.char_accuracy("dcba", "dcba") == 1.0
+    assert tt.char_accuracy("dcb", "dcba") == 0.75  # a missing character costs credit
+    assert tt.char_accuracy("dcbaa", "dcba") == 0.8  # so does an extra one
+    assert tt.char_accuracy("", "dcba") == 0.0
+    ex = tt.Example("abcd=", "dcba", "dcba")
+    assert tt.make_task("reverse").reward("dcbb", ex) == 0.75
+    assert tt.make_task("reverse", binary=True).reward("dcbb", ex) == 0.0
+    add = tt.make_task("add")
+    assert add.reward("82", tt.Example("37+45=", "82", "82")) == 1.0
+    assert add.reward("81", tt.Example("37+45=", "82", "82")) == 0.0
+    vec = tt.make_task("reverse").reward_vector("fexcxx", tt.Example("abcdef=", "fedcba", "fedcba"))
+    assert vec == [1.0, 0.5, 0.0]  # slices "fe" / "dc" / "ba" against "fe" / "xc" / "xx": 2/2, 1/2, 0/2
+
+
+def test_tasks_are_seeded_and_never_train_on_the_test_set():
+    import random
+
+    for name in tt.TASKS:
+        task = tt.make_task(name)
+        again = tt.make_task(name)
+        assert [e.prompt for e in task.test] == [e.prompt for e in again.test]  # fixed held-out set
+        train = task.sample(random.Random(0), 2000)
+        assert [e.prompt for e in train[:50]] == [e.prompt for e in task.sample(random.Random(0), 50)]
+        assert not {e.prompt for e in train} & task.test_prompts
+        ds = task.dataset(task.test[:5])
+        assert ds.column_names == ["prompt", "answer", "context"] and len(ds) == 5
+    ex = tt.make_task("reverse").test[0]
+    assert ex.answer == ex.prompt[:-1][::-1]
+
+
+def test_char_tokenizer_round_trip():
+    tok = tt.build_char_tokenizer(tt.ReverseTask.alphabet)
+    ids = tok("abcd=").input_ids
+    assert ids[0] == tok.bos_token_id and len(ids) == 6
+    assert tok.decode(ids, skip_special_tokens=True) == "abcd="
+
+
+def test_completion_mask_includes_the_first_eos_only():
+    tokens = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8], [2, 0, 0, 0]])
+    mask = tt.completion_mask_from(tokens, eos_id=2)
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+
+
+def tiny_policy(seed=0):
+    torch.manual_seed(seed)
+    task = tt.make_task("reverse")
+    tok = tt.build_char_tokenizer(task.alphabet)
+    return task, tok, tt.build_tiny_model(tok)
+
+
+def test_sampling_masks_and_left_padding():
+    task, tok, model = tiny_policy()
+    prompts = ["abc=", "abcdab="]  # different lengths: the first is left-padded
+    ids, mask = tt.encode(tok, prompts, "cpu")
+    assert mask[0].tolist() == [0, 0, 0, 1, 1, 1, 1, 1]
+    torch.manual_seed(1)
+    r = tt.sample(model, tok, ids, mask, max_new_tokens=6)
+    assert r.completion_ids.shape[0] == 2 and r.completion_mask.shape == r.completion_ids.shape
+    for row, m, trunc in zip(r.completion_ids, r.completion_mask, r.truncated):
+        n = int(m.sum())
+        assert bool(trunc) == (tok.eos_token_id not in row[:n].tolist())
+        if not trunc:
+            assert row[n - 1] == tok.eos_token_id  # the mask stops right after the first EOS
+    # padding must not change the log-probs: the padded row scores exactly as it does alone
+    logp, ent = tt.token_logprobs(model, r)
+    alone_ids, alone_mask = tt.encode(tok, prompts[:1], "cpu")
+    alone = tt.Rollout(alone_ids, alone_mask, r.completion_ids[:1], r.completion_mask[:1], r.truncated[:1], r.texts[:1])
+    logp_alone, _ = tt.token_logprobs(model, alone)
+    m = r.completion_mask[0].bool()
+    assert torch.allclose(logp[0][m], logp_alone[0][m], atol=1e-5)
+    assert torch.isfinite(logp).all() and (ent >= 0).all() and (ent <= math.log(len(tok)) + 1e-5).all()
+
+
+def test_teacher_prompt_and_prefix_continuation():
+    task, tok, model = tiny_policy()
+    ex = task.test[0]
+    assert task.teacher_prompt(ex) == ex.answer + "|" + ex.prompt
+    # tree-style continuation: any prefix (prompt plus part of a completion) can be sampled from
+    ids, mask = tt.encode(tok, [ex.prompt + ex.answer[:2]], "cpu")
+    r = tt.sample(model, tok, ids, mask, max_new_tokens=4)
+    assert r.completion_ids.shape[1] <= 4
+
+
+def test_check_finite_stops_with_the_step(capsys):
+    with pytest.raises(SystemExit) as e:
+        tt.check_finite(torch.tensor(float("nan")), step=7)
+    assert e.value.code == 2 and "step 7" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# The files as a user runs them.
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_two_steps_end_to_end(run, script, tmp_path):
+    log = tmp_path / "log.jsonl"
+    p = run(script, *FAST, "--log_jsonl", log)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.strip().splitlines()
+    assert lines[1].startswith("step=1 reward=") and " loss=" in lines[1]
+    keys = [kv.split("=")[0] for kv in lines[1].split()][:9]
+    assert keys == ["step", "reward", "loss", "entropy", "ratio", "clip_frac", "kl", "grad_norm", "len"]
+    assert lines[-1].startswith("final test_acc=") and " exact=" in lines[-1] and " time_s=" in lines[-1]
+    records = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [r["kind"] for r in records] == ["eval", "step", "step", "eval", "final"]
+    assert records[1]["step"] == 1 and "entropy" in records[1]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_same_seed_same_lines(run, script):
+    args = ["--steps", 3, "--warmup_steps", 3, "--eval_every", 2, "--prompts_per_step", 4]
+    a, b = run(script, *args), run(script, *args)
+    strip = lambda out: [ln.split(" time_s=")[0] for ln in out.splitlines()]  # wall time differs
+    assert a.returncode == 0 and strip(a.stdout) == strip(b.stdout)
+    c = run(script, *args, "--seed", 1)
+    assert strip(c.stdout) != strip(a.stdout)
+
+
+BAD = [
+    (["--task", "sort"], "--task"),
+    (["--group_size", "1"], "--group_size"),
+    (["--steps", "0"], "--steps"),
+    (["--lr", "0"], "--lr"),
+    (["--lr=-1e-3"], "--lr"),
+    (["--model", "./no/such/model"], "--model"),
+    (["--max_new_tokens", "3"], "--max_new_tokens"),
+    (["--temperature", "0"], "--temperature"),
+]
+
+
+@pytest.mark.parametrize("args,flag", BAD)
+def test_bad_input_fails_cleanly(run, args, flag):
+    """The checks are shared (toy_tasks.check_common_args), so minimal_pg.py stands for every file
+    here; each sibling's own flags are tested with that file."""
+    p = run("minimal_pg.py", *args)
+    assert p.returncode == 2
+    err = p.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and flag in err[0], p.stderr
+    assert "Traceback" not in p.stderr and p.stdout == ""
+
+
+@pytest.mark.parametrize("args,flag", [(["--epochs", "0"], "--epochs"), (["--clip_eps", "1.5"], "--clip_eps"),
+                                       (["--beta", "-0.1"], "--beta")])
+def test_grpo_bad_flags(run, args, flag):
+    p = run("minimal_grpo.py", *args)
+    assert p.returncode == 2 and flag in p.stderr and "Traceback" not in p.stderr
+
+
+def test_pretrained_model_from_a_local_folder(run, tmp_path):
+    """--model loads any causal LM with its tokenizer; here the tiny Llama saved with save_pretrained,
+    so the real loading path is exercised without a download."""
+    task, tok, model = tiny_policy()
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    p = run("minimal_grpo.py", "--model", tmp_path, "--steps", 2, "--eval_every", 0)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip().splitlines()[-1].startswith("final test_acc=")
+
+
+def test_add_task_runs(run):
+    p = run("minimal_pg.py", "--task", "add", *FAST)
+    assert p.returncode == 0, p.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# The default command of each file learns: base at or below 0.6, final test_acc at least 0.90.
+
+
+def final_metrics(stdout):
+    last = stdout.strip().splitlines()[-1]
+    assert last.startswith("final "), last
+    return {k: float(v) for k, v in (kv.split("=") for kv in last.split()[1:])}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_default_run_learns(run, script):
+    p = run(script)
+    assert p.returncode == 0, p.stderr
+    m = final_metrics(p.stdout)
+    assert m["base_acc"] <= 0.6 and m["test_acc"] >= 0.90, m
