@@ -1,0 +1,212 @@
+"""Run several methods on the same task with the same budget and several seeds; write one figure
+and one table.
+
+    uv run compare.py --methods grpo,tpo --seeds 3
+
+Every `minimal_NAME.py` at the top level is a method called NAME: a new file joins without any
+change here. Each method x seed runs as its own process, exactly as a user would run the file,
+with --log_jsonl; runs go two at a time (one thread each) so both CPU cores are busy. The shared
+budget (steps, prompts per step, group size, inner epochs) is passed to every method that has the
+flag; what a method cannot share is printed before anything runs.
+
+Into --out it writes NAME_seedS.jsonl per run, compare.png (held-out accuracy, entropy and clip
+fraction against step: mean +- standard error across seeds) and compare.md (final test accuracy
+mean +- std, the first step at which entropy falls to 0.1 or below, wall time per run).
+"""
+import argparse
+import dataclasses
+import glob
+import importlib
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+SHARED = ["steps", "prompts_per_step", "group_size", "epochs"]  # the budget every method should share
+ENTROPY_FLOOR = 0.1
+
+
+def available_methods():
+    """{name: file} for every minimal_NAME.py beside this file."""
+    return {Path(f).stem.removeprefix("minimal_"): Path(f).name for f in sorted(glob.glob(str(ROOT / "minimal_*.py")))}
+
+
+# --------------------------------------------------------------------------------------------------
+# Aggregation: plain functions over lists, tested on hand-made logs.
+
+
+def mean_std_se(values):
+    """(mean, sample std, standard error of the mean) of a list; std and se are 0 for one value."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return mean, std, std / math.sqrt(n)
+
+
+def first_at_or_below(steps, values, threshold=ENTROPY_FLOOR):
+    """The first step whose value is at or below the threshold, or None if it never is."""
+    return next((s for s, v in zip(steps, values) if v <= threshold), None)
+
+
+def read_log(path):
+    """One run's JSON lines as {"step": [...records], "eval": [...], "final": {...}}."""
+    out = {"step": [], "eval": [], "final": None}
+    for line in Path(path).read_text().splitlines():
+        rec = json.loads(line)
+        if rec["kind"] == "final":
+            out["final"] = rec
+        else:
+            out[rec["kind"]].append(rec)
+    return out
+
+
+def curve(logs, kind, key):
+    """Mean and standard error of `key` across seeds at each step the runs share: (steps, mean, se)."""
+    per_run = [{r["step"]: r[key] for r in log[kind]} for log in logs]
+    steps = sorted(set.intersection(*(set(p) for p in per_run)))
+    stats = [mean_std_se([p[s] for p in per_run]) for s in steps]
+    return steps, [m for m, _, _ in stats], [se for _, _, se in stats]
+
+
+def summarise(logs):
+    """One table row's numbers for one method: dict of final accuracy, entropy-collapse steps, times."""
+    finals = [log["final"]["test_acc"] for log in logs]
+    collapse = [first_at_or_below([r["step"] for r in log["step"]], [r["entropy"] for r in log["step"]])
+                for log in logs]
+    return {"test_acc": mean_std_se(finals), "base_acc": mean_std_se([log["final"]["base_acc"] for log in logs]),
+            "collapse": collapse, "time_s": mean_std_se([log["wall_s"] for log in logs]), "seeds": len(logs)}
+
+
+def collapse_cell(collapse):
+    hit = [c for c in collapse if c is not None]
+    if not hit:
+        return "never"
+    mean, std, _ = mean_std_se(hit)
+    text = f"{mean:.0f} ± {std:.0f}" if len(hit) > 1 else f"{hit[0]}"
+    return text if len(hit) == len(collapse) else f"{text} ({len(hit)} of {len(collapse)} seeds; others never)"
+
+
+def markdown_table(summaries):
+    rows = ["| method | final test_acc (mean ± std) | base_acc | first step with entropy ≤ 0.1 | wall time per run (s) | seeds |",
+            "|---|---|---|---|---|---|"]
+    for name, s in summaries.items():
+        (m, sd, _), (b, _, _), (t, _, _) = s["test_acc"], s["base_acc"], s["time_s"]
+        rows.append(f"| {name} | {m:.3f} ± {sd:.3f} | {b:.3f} | {collapse_cell(s['collapse'])} | {t:.0f} | {s['seeds']} |")
+    return "\n".join(rows) + "\n"
+
+
+def plot(all_logs, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    panels = [("eval", "test_acc", "held-out accuracy (greedy, per character)"),
+              ("step", "entropy", "entropy (nats per token)"), ("step", "clip_frac", "clip fraction")]
+    for ax, (kind, key, title) in zip(axes, panels):
+        for name, logs in all_logs.items():
+            steps, mean, se = curve(logs, kind, key)
+            line, = ax.plot(steps, mean, label=name)
+            ax.fill_between(steps, [m - e for m, e in zip(mean, se)], [m + e for m, e in zip(mean, se)],
+                            color=line.get_color(), alpha=0.2)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        if key == "entropy":
+            ax.axhline(ENTROPY_FLOOR, color="grey", lw=0.8, ls="--")
+    axes[0].legend()
+    fig.suptitle("mean ± standard error across seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Running.
+
+
+def method_flags(file):
+    """The flag names a method file accepts (the fields of its Args dataclass)."""
+    module = importlib.import_module(Path(file).stem)
+    return {f.name for f in dataclasses.fields(module.Args)}
+
+
+def run_one(file, seed, budget, extra, log_path):
+    cmd = [sys.executable, file, "--seed", str(seed), "--log_jsonl", str(log_path)]
+    for k, v in budget.items():
+        cmd += [f"--{k}", str(v)]
+    cmd += extra
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # one core per run
+    start = time.time()
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stderr.strip()}")
+    return time.time() - start
+
+
+def main(argv=None):
+    methods = available_methods()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--methods", default=",".join(methods), help=f"comma-separated, from: {', '.join(methods)}")
+    ap.add_argument("--seeds", type=int, default=3, help="seeds per method (0, 1, ...)")
+    ap.add_argument("--steps", type=int, default=100, help="RL steps, the same for every method")
+    ap.add_argument("--prompts_per_step", type=int, default=32, help="prompts per step, the same for every method")
+    ap.add_argument("--group_size", type=int, default=8, help="completions per prompt, the same for every method")
+    ap.add_argument("--epochs", type=int, default=4, help="inner epochs, for every method that has them")
+    ap.add_argument("--jobs", type=int, default=2, help="runs at a time (one CPU thread each)")
+    ap.add_argument("--out", default="runs/compare", help="folder for the logs, figure and table")
+    ap.add_argument("--extra", default="", help="more flags passed to every run, e.g. '--warmup_steps 2 --eval_every 1'")
+    args = ap.parse_args(argv)
+
+    chosen = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in chosen if m not in methods]
+    if unknown or not chosen:
+        sys.exit(f"error: --methods {','.join(unknown) or args.methods!r} unknown; choose from {', '.join(methods)}")
+    for name in ("seeds", "steps", "prompts_per_step", "group_size", "epochs", "jobs"):
+        if getattr(args, name) < 1:
+            sys.exit(f"error: --{name} must be a positive whole number")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    budgets = {}
+    for name in chosen:
+        flags = method_flags(methods[name])
+        budgets[name] = {k: getattr(args, k) for k in SHARED if k in flags}
+        missing = [k for k in SHARED if k not in flags]
+        if missing:
+            print(f"{name}: cannot share --{', --'.join(missing)} (the method has no such setting)")
+    jobs = [(name, seed) for name in chosen for seed in range(args.seeds)]
+    print(f"{len(jobs)} runs ({len(chosen)} methods x {args.seeds} seeds), {args.jobs} at a time, into {out}/", flush=True)
+
+    start, done = time.time(), 0
+
+    def work(job):
+        name, seed = job
+        log_path = out / f"{name}_seed{seed}.jsonl"
+        wall = run_one(methods[name], seed, budgets[name], args.extra.split(), log_path)
+        return name, seed, log_path, wall
+
+    logs = {name: [] for name in chosen}
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for name, seed, log_path, wall in pool.map(work, jobs):
+            done += 1
+            log = read_log(log_path)
+            log["wall_s"] = wall
+            logs[name].append(log)
+            print(f"[{done}/{len(jobs)}] {name} seed {seed}: test_acc={log['final']['test_acc']:.3f} "
+                  f"in {wall:.0f} s (elapsed {time.time() - start:.0f} s)", flush=True)
+
+    table = markdown_table({name: summarise(runs) for name, runs in logs.items()})
+    (out / "compare.md").write_text(table)
+    plot(logs, out / "compare.png")
+    print(table)
+    print(f"wrote {out / 'compare.md'} and {out / 'compare.png'} in {time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

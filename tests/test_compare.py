@@ -1,0 +1,62 @@
+"""compare.py: the aggregation on hand-made logs, and a tiny end-to-end comparison."""
+import json
+import math
+
+import pytest
+
+import compare
+
+
+def test_mean_std_se():
+    mean, std, se = compare.mean_std_se([1.0, 2.0, 3.0, 6.0])
+    # mean 3; squared deviations 4 + 1 + 0 + 9 = 14; sample std sqrt(14/3) = 2.160247; se = std / 2
+    assert mean == 3.0 and std == pytest.approx(2.160247, abs=1e-6) and se == pytest.approx(1.080123, abs=1e-6)
+    assert compare.mean_std_se([0.5]) == (0.5, 0.0, 0.0)
+
+
+def test_first_step_at_or_below_threshold():
+    steps, entropy = [1, 2, 3, 4, 5], [0.9, 0.4, 0.1, 0.05, 0.2]
+    assert compare.first_at_or_below(steps, entropy, 0.1) == 3  # at counts, not only below
+    assert compare.first_at_or_below(steps, entropy, 0.01) is None
+
+
+def write_log(path, entropies, accs, final_acc, base=0.5):
+    lines = [{"kind": "eval", "step": 0, "test_acc": base, "exact": 0.0}]
+    for i, (e, a) in enumerate(zip(entropies, accs), start=1):
+        lines.append({"kind": "step", "step": i, "entropy": e, "clip_frac": 0.1})
+        lines.append({"kind": "eval", "step": i, "test_acc": a, "exact": 0.0})
+    lines.append({"kind": "final", "test_acc": final_acc, "exact": 0.0, "base_acc": base, "time_s": 1.0})
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+
+
+def test_summary_curves_and_table(tmp_path):
+    write_log(tmp_path / "a.jsonl", [0.5, 0.08, 0.05], [0.6, 0.7, 0.8], 0.8)
+    write_log(tmp_path / "b.jsonl", [0.5, 0.3, 0.09], [0.6, 0.9, 1.0], 1.0)
+    logs = [compare.read_log(tmp_path / "a.jsonl"), compare.read_log(tmp_path / "b.jsonl")]
+    for log, wall in zip(logs, (10.0, 20.0)):
+        log["wall_s"] = wall
+    steps, mean, se = compare.curve(logs, "eval", "test_acc")
+    assert steps == [0, 1, 2, 3] and mean == pytest.approx([0.5, 0.6, 0.8, 0.9])
+    assert se[2] == pytest.approx(math.sqrt(0.02) / math.sqrt(2))  # values 0.7 and 0.9: std 0.141421
+    s = compare.summarise(logs)
+    assert s["collapse"] == [2, 3] and s["test_acc"][0] == pytest.approx(0.9) and s["time_s"][0] == 15.0
+    table = compare.markdown_table({"x": s})
+    assert "| x | 0.900 ± 0.141 | 0.500 | 2 ± 1 | 15 | 2 |" in table
+    assert compare.collapse_cell([None, None]) == "never"
+    assert compare.collapse_cell([4, None]) == "4 (1 of 2 seeds; others never)"
+
+
+def test_tiny_comparison_end_to_end(run, tmp_path):
+    p = run("compare.py", "--methods", "pg,grpo", "--seeds", 1, "--steps", 2, "--out", tmp_path,
+            "--extra", "--warmup_steps 2 --eval_every 1 --prompts_per_step 4")
+    assert p.returncode == 0, p.stderr
+    assert "pg: cannot share --epochs" in p.stdout
+    assert (tmp_path / "compare.png").stat().st_size > 10_000
+    table = (tmp_path / "compare.md").read_text()
+    assert table.count("\n") == 4 and "| pg |" in table and "| grpo |" in table
+    assert (tmp_path / "grpo_seed0.jsonl").exists()
+
+
+def test_unknown_method_fails_cleanly(run):
+    p = run("compare.py", "--methods", "nope")
+    assert p.returncode != 0 and "--methods" in p.stderr and "Traceback" not in p.stderr
