@@ -10,9 +10,20 @@ raise the log-probability of the whole completion in proportion to that advantag
     A_i  = r_i - mean_{j != i} r_j  =  G/(G-1) * (r_i - mean(r))
     loss = -mean_i [ A_i * sum_t log pi(y_i,t) ]        (the whole completion is one action)
 
+Why leave-one-out: the baseline for completion i must not depend on y_i, or it biases the gradient.
+The mean of the other G-1 rewards is independent of y_i, so E[A_i grad log pi(y_i)] is the true policy
+gradient, with far less variance than the raw reward. It is also why a group whose G rewards are all
+equal contributes nothing: no completion did better than its siblings, so there is nothing to learn.
+
+Why a sum over tokens: the completion is one action whose log-probability is the sum of its token
+log-probs, so the REINFORCE estimator multiplies A_i by that sum. A longer completion therefore gets
+a proportionally larger push; the GRPO family changes exactly this normalisation (see those files).
+
 One gradient step per batch, on the batch just sampled: the policy that sampled is the one being
 updated, so the importance ratio is exactly 1, nothing is clipped and the KL to the sampler is 0.
 Those columns are still logged so that every file's output lines up with its siblings'.
+What to watch instead: reward and test_acc rising, entropy falling (the policy sharpening), and len
+settling at the answer length plus one end-of-sequence token.
 
 Run: uv run minimal_pg.py            (flags: uv run minimal_pg.py --help)
 """

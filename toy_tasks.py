@@ -270,6 +270,25 @@ class Rollout:
     def lengths(self):
         return self.completion_mask.sum(1)  # (N,) tokens per completion, EOS included
 
+    def select(self, rows):
+        """The completions where rows (N,) bool is True, as a smaller Rollout."""
+        texts = [t for t, keep in zip(self.texts, rows.tolist()) if keep] if self.texts is not None else None
+        return Rollout(self.prompt_ids[rows], self.prompt_mask[rows], self.completion_ids[rows],
+                       self.completion_mask[rows], self.truncated[rows], texts, self.temperature)
+
+
+def cat_rollouts(parts, pad_id):
+    """Stack Rollouts sampled separately (their widths may differ): prompts stay left-padded,
+    completions right-padded, and the new padding is masked out like the old."""
+    pad = torch.nn.functional.pad
+    p, t = max(r.prompt_ids.size(1) for r in parts), max(r.completion_ids.size(1) for r in parts)
+    return Rollout(torch.cat([pad(r.prompt_ids, (p - r.prompt_ids.size(1), 0), value=pad_id) for r in parts]),
+                   torch.cat([pad(r.prompt_mask, (p - r.prompt_mask.size(1), 0)) for r in parts]),
+                   torch.cat([pad(r.completion_ids, (0, t - r.completion_ids.size(1)), value=pad_id) for r in parts]),
+                   torch.cat([pad(r.completion_mask, (0, t - r.completion_mask.size(1))) for r in parts]),
+                   torch.cat([r.truncated for r in parts]), [x for r in parts for x in r.texts],
+                   parts[0].temperature)
+
 
 def encode(tok, texts, device):
     """Left-padded token ids and attention mask for a list of prompt strings."""

@@ -1,0 +1,209 @@
+"""DG: Delightful Policy Gradient. Gate each token's update by how delightful it was.
+
+Paper: Osband 2026, "Delightful Policy Gradient", arXiv 2603.14608; the optional Kondo gate is from
+Osband 2026, "Does This Gradient Spark Joy?", arXiv 2603.20526.
+Parent: minimal_pg.py (its leave-one-out advantage is kept unchanged).
+The change: weight every token's log-prob by a stop-gradient gate of its delight, the advantage
+times the token's surprisal, so rare successes are learned from in full and rare failures are mostly
+ignored, while confident tokens get half weight whichever way the reward went:
+
+    A_i   = r_i - mean_{j != i} r_j               (leave-one-out, as in the parent)
+    l_i,t = -log pi(y_i,t)                        (surprisal)
+    w_i,t = sigmoid(A_i * l_i,t / eta)            (the gate: -> 1, -> 0, or 1/2 when l = 0)
+    loss  = -mean_i [ sum_t sg(w_i,t * A_i) * log pi(y_i,t) ]
+
+A choice, stated: METHODS.md writes the loss as -mean_t, from fixed-length toys where every token
+reduction is a constant multiple of every other. Completions here vary in length, and this file keeps
+the parent's reduction: sum over each completion's tokens, mean over completions. Every token weighs
+the same, as in a token mean; only the overall scale (the mean length) differs. A per-completion
+token mean would instead make a token of a short completion count for more.
+One update per batch and no importance ratio: nothing bounds the policy shift, so DG takes no
+extra epochs; ratio is 1 and kl is 0 by construction, logged anyway.
+
+--kondo adds the Kondo gate: a forward pass without grad prices every completion by its delight,
+chi_i = sum_t A_i * l_i,t (the advantage times the whole completion's surprisal: the completion is
+one action, as in the parent), and the forward and backward pass with grad run only on completions
+with chi_i > --kondo_price (0 keeps exactly the positive-advantage ones), or on the top share
+--kondo_keep_rate of them. The loss still divides by all N completions: a dropped completion counts
+as zero, it does not inflate the others. `kept` logs the share trained on, the backward compute paid.
+
+Run: uv run minimal_dg.py            (flags: uv run minimal_dg.py --help; add --kondo for the gate)
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+
+import toy_tasks as tt
+
+
+@dataclass
+class Args:
+    task: str = "reverse"
+    """task to train on: reverse (dense per-character reward) or add (exact-match reward)"""
+    binary: bool = False
+    """score reverse by exact match (1 or 0) instead of per-character credit"""
+    model: str = ""
+    """Hugging Face causal LM (hub id or local folder); empty builds the tiny default Llama"""
+    warmup_steps: int = 40
+    """supervised warm-up steps that make the tiny default a partly competent base model (0: none)"""
+    seed: int = 0
+    """seed for weights, prompts and sampling: the same seed prints the same lines on CPU"""
+    steps: int = 200
+    """RL steps; each samples a fresh batch of prompts"""
+    prompts_per_step: int = 32
+    """prompts per step"""
+    group_size: int = 8
+    """completions sampled per prompt (G); the baseline needs at least 2"""
+    lr: float = 1e-3
+    """AdamW learning rate"""
+    eta: float = 1.0
+    """gate temperature: w = sigmoid(delight / eta); large eta flattens every gate towards 1/2"""
+    kondo: bool = False
+    """Kondo gate: run the backward pass only on completions whose delight passes a price"""
+    kondo_price: float = 0.0
+    """with --kondo, the price: a completion trains if its delight is above it (0: positive advantage)"""
+    kondo_keep_rate: float = 0.0
+    """with --kondo, if in (0, 1]: set the price to the (1 - rate) quantile of delight instead"""
+    max_grad_norm: float = 1.0
+    """gradient-norm clip"""
+    max_new_tokens: int = 10
+    """token budget per completion; one that never emits EOS is truncated and marked"""
+    temperature: float = 1.0
+    """sampling temperature (log-probs are taken at the same temperature)"""
+    eval_every: int = 20
+    """greedy held-out evaluation every this many steps (0: only at the end)"""
+    device: str = "auto"
+    """auto, cpu, cuda or mps"""
+    log_jsonl: str = ""
+    """also write every step's metrics to this JSON-lines file"""
+
+
+# ALGO LOGIC: everything that makes this method this method.
+
+
+def group_advantages(rewards):
+    """Leave-one-out baseline. rewards (P, G) -> advantages (P, G)."""
+    g = rewards.size(1)
+    return g / (g - 1) * (rewards - rewards.mean(1, keepdim=True))
+
+
+def token_delight(adv, logp):
+    """Delight chi = A * surprisal, per token: positive for a surprise that paid off, negative for a
+    surprise that did not, 0 for a token the policy was sure of. adv: (N,); logp: (N, T) -> (N, T)."""
+    return adv[:, None] * -logp
+
+
+def delight_gate(adv, logp, eta):
+    """The gate w = sigmoid(chi / eta), (N, T) in (0, 1). The loss treats it as a constant."""
+    return torch.sigmoid(token_delight(adv, logp) / eta)
+
+
+def kondo_keep(delight, price):
+    """Which completions are worth a backward pass: (N,) delight -> (N,) bool, strictly above the price.
+    At price 0 that is exactly the positive-advantage completions, since surprisal is never negative."""
+    return delight > price
+
+
+def keep_rate_price(delight, rate):
+    """The price that lets the top ceil(rate * N) completions through: the next delight below them,
+    i.e. the (1 - rate) quantile (-inf when rate is 1, so that everything passes)."""
+    k = math.ceil(rate * delight.numel())
+    return delight.sort(descending=True).values[k] if k < delight.numel() else float("-inf")
+
+
+@torch.no_grad()
+def kondo_pass(model, rollout, adv, args):
+    """The Kondo gate's pricing pass, a forward pass without a graph. Returns which completions get a
+    backward pass, (N,) bool, and the token entropies, (N, T), for the log."""
+    logp, entropy = tt.token_logprobs(model, rollout)  # (N, T) each
+    chi = (token_delight(adv, logp) * rollout.completion_mask).sum(1)  # (N,) A_i times the whole surprisal
+    price = keep_rate_price(chi, args.kondo_keep_rate) if args.kondo_keep_rate else args.kondo_price
+    return kondo_keep(chi, price), entropy
+
+
+def kl_k3(logp, ref_logp):
+    """Schulman's k3 estimator of KL(pi || ref) at the sampled tokens: exp(d) - d - 1, d = ref - pi."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def aggregate(per_token, mask, n):
+    """Sum over each completion's tokens, then divide by n, the number of completions sampled (the
+    rows given may be fewer when the Kondo gate dropped some)."""
+    return (per_token * mask).sum() / n
+
+
+def policy_loss(logp, old_logp, adv, mask, eta, n):
+    """DG loss and its diagnostics. logp, old_logp, mask: (K, T); adv: (K,); n: completions sampled."""
+    ratio = torch.exp(logp - old_logp)  # (K, T); 1 exactly: one update per batch
+    gate = delight_gate(adv, logp.detach(), eta)  # (K, T) no gradient through the gate
+    per_token = -(gate * adv[:, None]).detach() * logp  # (K, T) sg(w A) log pi: gradient only via log pi
+    stats = {"ratio": tt.masked_mean(ratio, mask),
+             "clip_frac": tt.masked_mean(((ratio - 1).abs() > 0.2).float(), mask),  # vs +-0.2, a diagnostic
+             "kl": tt.masked_mean(kl_k3(logp, old_logp), mask),  # k3 to the sampling policy
+             "gate": tt.masked_mean(gate, mask)}
+    return aggregate(per_token, mask, n), {k: v.detach() for k, v in stats.items()}
+
+
+def update(model, optimizer, rollout, adv, step, args):
+    """One gradient step on a sampled batch; returns the loss, its diagnostics and the entropy."""
+    mask = rollout.completion_mask  # (N, T)
+    keep, entropy = torch.ones_like(adv, dtype=torch.bool), None  # (N,) without the gate, all train
+    if args.kondo:
+        keep, entropy = kondo_pass(model, rollout, adv, args)  # (N,) bool; (N, T)
+        if not keep.any():  # nothing passed the price (e.g. every group agreed): no step at all
+            zero = torch.zeros((), device=adv.device)
+            stats = dict(ratio=zero + 1, clip_frac=zero, kl=zero, gate=zero, grad_norm=zero, kept=zero)
+            return zero, stats, tt.masked_mean(entropy, mask)
+    logp, kept_entropy = tt.token_logprobs(model, rollout.select(keep))  # (K, T) each, K kept
+    loss, stats = policy_loss(logp, logp.detach(), adv[keep], mask[keep], args.eta, adv.numel())
+    tt.check_finite(loss, step)
+    optimizer.zero_grad()
+    loss.backward()
+    stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+    optimizer.step()
+    stats["kept"] = keep.float().mean()  # share of completions that paid for a backward pass
+    entropy = kept_entropy if entropy is None else entropy  # (N, T): the metric covers the whole batch
+    return loss.detach(), stats, tt.masked_mean(entropy, mask)
+
+
+def check_args(args):
+    tt.check_common_args(args, min_group=2)
+    if not args.eta > 0:
+        tt.fail(f"--eta must be positive, got {args.eta}")
+    if not 0 <= args.kondo_keep_rate <= 1:
+        tt.fail(f"--kondo_keep_rate must lie in (0, 1] (0: use --kondo_price), got {args.kondo_keep_rate}")
+    if args.kondo_keep_rate and args.kondo_price:
+        tt.fail("--kondo_price and --kondo_keep_rate both set the price; give one of them")
+    if (args.kondo_price or args.kondo_keep_rate) and not args.kondo:
+        tt.fail("--kondo_price and --kondo_keep_rate only apply with --kondo")
+
+
+# TRY NOT TO MODIFY: the loop every file shares.
+
+
+def main():
+    args = tt.parse_args(Args)
+    check_args(args)
+    task, model, tok, device, logger, rng = tt.setup(args)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    base_acc, exact = tt.evaluate(model, tok, task, device, args.max_new_tokens)
+    logger.eval(0, base_acc, exact)
+
+    for step in range(1, args.steps + 1):
+        examples = task.sample(rng, args.prompts_per_step)
+        rollout, rewards = tt.rollout_groups(model, tok, task, examples, args.group_size, args, device)
+        adv = group_advantages(rewards).view(-1)  # (N,) one advantage per completion
+        loss, stats, entropy = update(model, optimizer, rollout, adv, step, args)
+        grad_norm, gate, kept = stats.pop("grad_norm"), stats.pop("gate"), stats.pop("kept")
+        logger.step(step, reward=rewards.mean(), loss=loss, entropy=entropy, **stats,
+                    grad_norm=grad_norm, len=rollout.lengths.mean(), gate=gate, kept=kept)
+        if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
+            test_acc, exact = tt.evaluate(model, tok, task, device, args.max_new_tokens)
+            logger.eval(step, test_acc, exact)
+    logger.final(test_acc, exact, base_acc)
+
+
+if __name__ == "__main__":
+    main()

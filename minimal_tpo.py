@@ -1,0 +1,164 @@
+"""TPO: Target Policy Optimization. Fit the policy to a target over each group's candidates.
+
+Paper: Kaddour 2026, "Target Policy Optimization", arXiv 2604.06159 (reference code: JeanKaddour/tpo,
+JAX toys).
+Parent: minimal_grpo.py.
+The change: instead of pushing each completion's log-prob by a clipped, advantage-weighted ratio,
+build a target distribution q over the G sampled candidates (the old policy, tilted by the z-scored
+rewards) and minimise the cross-entropy from q to the policy renormalised over the same candidates:
+
+    u_i   = (r_i - mean(r)) / std(r)          (population std; u = 0 for a group whose rewards agree)
+    s_i   = sum_t log pi(y_i,t)               (a whole completion's log-prob, no length normalisation)
+    q     = softmax(log_softmax(s_old) + u / eta)   i.e. q_i proportional to p_old,i * exp(u_i / eta)
+    loss  = -mean_groups [ sum_i q_i * log_softmax(s)_i ]
+
+The gradient with respect to s_i is p_i - q_i (p = softmax(s)): it vanishes once the policy,
+restricted to the candidates, matches the target. That fixed point is the trust region, so q stays
+frozen for all 4 inner epochs and there is no ratio clip, no KL penalty and no reference model.
+ratio, clip_frac (against +-0.2) and kl (k3 to the sampling policy) are logged as diagnostics only.
+
+Departure from the toys: completions here vary in length, and s_i sums over every token up to and
+including EOS, so the length is part of the candidate. Nothing else departs that we know of.
+
+Run: uv run minimal_tpo.py           (flags: uv run minimal_tpo.py --help)
+"""
+from dataclasses import dataclass
+
+import torch
+
+import toy_tasks as tt
+
+
+@dataclass
+class Args:
+    task: str = "reverse"
+    """task to train on: reverse (dense per-character reward) or add (exact-match reward)"""
+    binary: bool = False
+    """score reverse by exact match (1 or 0) instead of per-character credit"""
+    model: str = ""
+    """Hugging Face causal LM (hub id or local folder); empty builds the tiny default Llama"""
+    warmup_steps: int = 40
+    """supervised warm-up steps that make the tiny default a partly competent base model (0: none)"""
+    seed: int = 0
+    """seed for weights, prompts and sampling: the same seed prints the same lines on CPU"""
+    steps: int = 100
+    """RL steps; each samples a fresh batch of prompts"""
+    prompts_per_step: int = 32
+    """prompts per step"""
+    group_size: int = 8
+    """completions sampled per prompt (G); the baseline needs at least 2"""
+    lr: float = 1e-3
+    """AdamW learning rate"""
+    epochs: int = 4
+    """inner epochs: gradient steps on each sampled batch, all towards the same frozen target q"""
+    eta: float = 1.0
+    """target temperature: q is proportional to p_old * exp(u / eta); smaller trusts the rewards more"""
+    max_grad_norm: float = 1.0
+    """gradient-norm clip"""
+    max_new_tokens: int = 10
+    """token budget per completion; one that never emits EOS is truncated and marked"""
+    temperature: float = 1.0
+    """sampling temperature (log-probs are taken at the same temperature)"""
+    eval_every: int = 20
+    """greedy held-out evaluation every this many steps (0: only at the end)"""
+    device: str = "auto"
+    """auto, cpu, cuda or mps"""
+    log_jsonl: str = ""
+    """also write every step's metrics to this JSON-lines file"""
+
+
+# ALGO LOGIC: everything that makes this method this method.
+
+
+def group_advantages(rewards):
+    """Group z-score u with the population std. rewards (P, G) -> u (P, G); exactly 0 for a group
+    whose rewards are all equal. No eps: u must have unit scale, because eta is measured in it."""
+    mean, std = rewards.mean(1, keepdim=True), rewards.std(1, unbiased=False, keepdim=True)
+    flat = (rewards == rewards[:, :1]).all(1, keepdim=True)  # (P, 1); rounding can leave std at 3e-8, not 0
+    return torch.where(flat, torch.zeros_like(rewards), (rewards - mean) / std.clamp(min=1e-12))
+
+
+def tpo_target(s_old, u, eta):
+    """The target over each group's candidates. s_old, u: (P, G) -> q: (P, G), rows summing to 1.
+    log_softmax(s_old) is the old policy renormalised over the G candidates; adding u / eta tilts it
+    towards the better ones, so a group with u = 0 gets back exactly the old policy."""
+    return torch.softmax(s_old.log_softmax(1) + u / eta, 1)
+
+
+def kl_k3(logp, ref_logp):
+    """Schulman's k3 estimator of KL(pi || ref) at the sampled tokens: exp(d) - d - 1, d = ref - pi."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def aggregate(per_token, mask):
+    """Sum over each completion's tokens, no length normalisation: (N, T) -> (N,) sequence log-probs s_i."""
+    return (per_token * mask).sum(1)
+
+
+def policy_loss(logp, old_logp, q, mask):
+    """Cross-entropy from the target to the policy over each group's candidates, and its diagnostics.
+    logp, old_logp, mask: (N, T); q: (P, G) with N = P * G, frozen."""
+    ratio = torch.exp(logp - old_logp)  # (N, T); 1 in the first inner epoch
+    s = aggregate(logp, mask).view_as(q)  # (P, G) each candidate's log-prob under the current policy
+    per_group = -(q * s.log_softmax(1)).sum(1)  # (P,) cross-entropy H(q, p); d/ds_i = p_i - q_i
+    stats = {"ratio": tt.masked_mean(ratio, mask),
+             "clip_frac": tt.masked_mean(((ratio - 1).abs() > 0.2).float(), mask),  # vs +-0.2, a diagnostic
+             "kl": tt.masked_mean(kl_k3(logp, old_logp), mask)}  # k3 to the sampling policy
+    return per_group.mean(), {k: v.detach() for k, v in stats.items()}  # mean over groups
+
+
+def update(model, optimizer, rollout, q, old_logp, step, args):
+    """One gradient step on a sampled batch; returns the loss, its diagnostics and the entropy."""
+    mask = rollout.completion_mask  # (N, T)
+    logp, entropy = tt.token_logprobs(model, rollout)  # (N, T) each
+    loss, stats = policy_loss(logp, old_logp, q, mask)
+    tt.check_finite(loss, step)
+    optimizer.zero_grad()
+    loss.backward()
+    stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+    optimizer.step()
+    return loss.detach(), stats, tt.masked_mean(entropy, mask)
+
+
+def check_args(args):
+    tt.check_common_args(args, min_group=2)
+    if args.epochs < 1:
+        tt.fail(f"--epochs must be at least 1, got {args.epochs}")
+    if not args.eta > 0:
+        tt.fail(f"--eta must be positive, got {args.eta}")
+
+
+# TRY NOT TO MODIFY: the loop every file shares.
+
+
+def main():
+    args = tt.parse_args(Args)
+    check_args(args)
+    task, model, tok, device, logger, rng = tt.setup(args)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    base_acc, exact = tt.evaluate(model, tok, task, device, args.max_new_tokens)
+    logger.eval(0, base_acc, exact)
+
+    for step in range(1, args.steps + 1):
+        examples = task.sample(rng, args.prompts_per_step)
+        rollout, rewards = tt.rollout_groups(model, tok, task, examples, args.group_size, args, device)
+        adv = group_advantages(rewards)  # (P, G) u, one z-scored reward per candidate
+        with torch.no_grad():
+            old_logp, _ = tt.token_logprobs(model, rollout)  # (N, T) pi_old, frozen for every epoch
+            q = tpo_target(aggregate(old_logp, rollout.completion_mask).view_as(adv), adv, args.eta)  # (P, G)
+        for epoch in range(args.epochs):  # the ratio and clip fraction logged are the last epoch's
+            loss, stats, entropy = update(model, optimizer, rollout, q, old_logp, step, args)
+        grad_norm = stats.pop("grad_norm")
+        logger.step(step, reward=rewards.mean(), loss=loss, entropy=entropy, **stats,
+                    grad_norm=grad_norm, len=rollout.lengths.mean(),
+                    len_wrong=tt.mean_length_wrong(rollout, rewards),
+                    target_entropy=torch.special.entr(q).sum(1).mean(), max_q=q.max(1).values.mean())
+        if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
+            test_acc, exact = tt.evaluate(model, tok, task, device, args.max_new_tokens)
+            logger.eval(step, test_acc, exact)
+    logger.final(test_acc, exact, base_acc)
+
+
+if __name__ == "__main__":
+    main()
