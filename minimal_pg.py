@@ -3,6 +3,7 @@
 Papers: Williams 1992 (REINFORCE); Kool et al. 2019, "Buy 4 REINFORCE Samples, Get a Baseline for
 Free!"; Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization for Learning
 from Human Feedback in LLMs" (RLOO), arXiv 2402.14740.
+The same advantage at scale: TRL's RLOOTrainer, verl's adv_estimator=rloo.
 Parent: none; every other file is a copy of this one (or of minimal_grpo.py) with one idea changed.
 The idea: sample G completions per prompt, score each against the mean reward of the other G-1, and
 raise the log-probability of the whole completion in proportion to that advantage:
@@ -24,6 +25,11 @@ updated, so the importance ratio is exactly 1, nothing is clipped and the KL to 
 Those columns are still logged so that every file's output lines up with its siblings'.
 What to watch instead: reward and test_acc rising, entropy falling (the policy sharpening), and len
 settling at the answer length plus one end-of-sequence token.
+
+How to read this file (every sibling has the same layout): `Args` is the whole configuration, one
+flag per field; under ALGO LOGIC sit the advantage, the KL estimator, the aggregation, the loss and
+one update, each a small function the tests check by hand; under TRY NOT TO MODIFY is the loop that
+samples, scores, updates and logs. toy_tasks.py holds everything that is not the method.
 
 Run: uv run minimal_pg.py            (flags: uv run minimal_pg.py --help)
 """
