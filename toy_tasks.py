@@ -199,7 +199,7 @@ def load_pretrained(name):
     """Any Hugging Face causal LM and its tokenizer, from a local folder or the hub (never remote code)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    looks_like_path = name.startswith((".", "/", "~")) or os.sep + os.sep in name
+    looks_like_path = name.startswith((".", "/", "~"))  # a hub id is "org/name": never starts so
     if looks_like_path and not os.path.isdir(os.path.expanduser(name)):
         fail(f"--model {name!r} is not an existing folder")
     try:
