@@ -29,6 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 SHARED = ["steps", "prompts_per_step", "group_size", "epochs"]  # the budget every method should share
 ENTROPY_FLOOR = 0.1
+PRESETS = {}  # name -> defaults for the flags of main(), e.g. a published setting to reproduce
+DEFAULT_METRIC = "greedy per-character accuracy"  # what test_acc is, unless a file says otherwise
 
 
 def available_methods():
@@ -54,14 +56,15 @@ def first_at_or_below(steps, values, threshold=ENTROPY_FLOOR):
 
 
 def read_log(path):
-    """One run's JSON lines as {"step": [...records], "eval": [...], "final": {...}}."""
+    """One run's JSON lines as {"step": [...records], "eval": [...], "final": {...}}, and any other kind
+    of line a file writes (e.g. "teacher") as a list under its kind."""
     out = {"step": [], "eval": [], "final": None}
     for line in Path(path).read_text().splitlines():
         rec = json.loads(line)
         if rec["kind"] == "final":
             out["final"] = rec
         else:
-            out[rec["kind"]].append(rec)
+            out.setdefault(rec["kind"], []).append(rec)
     return out
 
 
@@ -71,6 +74,19 @@ def curve(logs, kind, key):
     steps = sorted(set.intersection(*(set(p) for p in per_run)))
     stats = [mean_std_se([p[s] for p in per_run]) for s in steps]
     return steps, [m for m, _, _ in stats], [se for _, _, se in stats]
+
+
+def cumulative_tokens(logs, steps):
+    """The x-axis for --x gen_tokens: at each step, the generated tokens summed over steps 1..step,
+    averaged across seeds (step 0, before any sampling, is 0)."""
+    totals = []
+    for log in logs:
+        running, seen = {0: 0.0}, 0.0
+        for r in log["step"]:
+            seen += r["gen_tokens"]
+            running[r["step"]] = seen
+        totals.append(running)
+    return [sum(t[s] for t in totals) / len(totals) for s in steps]
 
 
 def summarise(logs):
@@ -91,32 +107,39 @@ def collapse_cell(collapse):
     return text if len(hit) == len(collapse) else f"{text} ({len(hit)} of {len(collapse)} seeds; others never)"
 
 
-def markdown_table(summaries):
-    rows = ["| method | final test_acc (mean ± std) | base_acc | first step with entropy ≤ 0.1 | wall time per run (s) | seeds |",
-            "|---|---|---|---|---|---|"]
+def markdown_table(summaries, metrics=None):
+    """One row per method. When the methods' test_acc measure different things (metrics: {name: what
+    test_acc is}), a column says which, so that no reader compares them as one number."""
+    metrics = metrics or {}
+    mixed = len({metrics.get(name, DEFAULT_METRIC) for name in summaries}) > 1
+    rows = ["| method | final test_acc (mean ± std) | base_acc | first step with entropy ≤ 0.1 | wall time per run (s) | seeds |"
+            + (" test_acc is |" if mixed else ""), "|---|---|---|---|---|---|" + ("---|" if mixed else "")]
     for name, s in summaries.items():
         (m, sd, _), (b, _, _), (t, _, _) = s["test_acc"], s["base_acc"], s["time_s"]
-        rows.append(f"| {name} | {m:.3f} ± {sd:.3f} | {b:.3f} | {collapse_cell(s['collapse'])} | {t:.0f} | {s['seeds']} |")
+        rows.append(f"| {name} | {m:.3f} ± {sd:.3f} | {b:.3f} | {collapse_cell(s['collapse'])} | {t:.0f} | {s['seeds']} |"
+                    + (f" {metrics.get(name, DEFAULT_METRIC)} |" if mixed else ""))
     return "\n".join(rows) + "\n"
 
 
-def plot(all_logs, path):
+def plot(all_logs, path, x="step", metrics=None):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    panels = [("eval", "test_acc", "held-out accuracy (greedy, per character)"),
+    metric = ", ".join(sorted(set((metrics or {}).values()))) or DEFAULT_METRIC
+    panels = [("eval", "test_acc", f"held-out test_acc ({metric})"),
               ("step", "entropy", "entropy (nats per token)"), ("step", "clip_frac", "clip fraction")]
     for ax, (kind, key, title) in zip(axes, panels):
         for name, logs in all_logs.items():
             steps, mean, se = curve(logs, kind, key)
-            line, = ax.plot(steps, mean, label=name)
-            ax.fill_between(steps, [m - e for m, e in zip(mean, se)], [m + e for m, e in zip(mean, se)],
+            xs = cumulative_tokens(logs, steps) if x == "gen_tokens" else steps
+            line, = ax.plot(xs, mean, label=name)
+            ax.fill_between(xs, [m - e for m, e in zip(mean, se)], [m + e for m, e in zip(mean, se)],
                             color=line.get_color(), alpha=0.2)
         ax.set_title(title)
-        ax.set_xlabel("step")
+        ax.set_xlabel("generated tokens (cumulative, per run)" if x == "gen_tokens" else "step")
         if key == "entropy":
             ax.axhline(ENTROPY_FLOOR, color="grey", lw=0.8, ls="--")
     axes[0].legend()
@@ -134,6 +157,11 @@ def method_flags(file):
     """The flag names a method file accepts (the fields of its Args dataclass)."""
     module = importlib.import_module(Path(file).stem)
     return {f.name for f in dataclasses.fields(module.Args)}
+
+
+def method_metric(file):
+    """What the file's `test_acc` measures: its TEST_METRIC, or the shared per-character accuracy."""
+    return getattr(importlib.import_module(Path(file).stem), "TEST_METRIC", DEFAULT_METRIC)
 
 
 def run_one(file, seed, budget, extra, log_path):
@@ -161,6 +189,13 @@ def main(argv=None):
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (one CPU thread each)")
     ap.add_argument("--out", default="runs/compare", help="folder for the logs, figure and table")
     ap.add_argument("--extra", default="", help="more flags passed to every run, e.g. '--warmup_steps 2 --eval_every 1'")
+    ap.add_argument("--x", default="step", choices=["step", "gen_tokens"],
+                    help="x-axis of the figure: RL step, or generated tokens summed over the run so far")
+    ap.add_argument("--preset", default="", choices=[""] + list(PRESETS),
+                    help="a named setting (see PRESETS): it sets the defaults above, which flags still override")
+    preset = ap.parse_known_args(argv)[0].preset
+    if preset:
+        ap.set_defaults(**PRESETS[preset])
     args = ap.parse_args(argv)
 
     chosen = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -201,9 +236,10 @@ def main(argv=None):
             print(f"[{done}/{len(jobs)}] {name} seed {seed}: test_acc={log['final']['test_acc']:.3f} "
                   f"in {wall:.0f} s (elapsed {time.time() - start:.0f} s)", flush=True)
 
-    table = markdown_table({name: summarise(runs) for name, runs in logs.items()})
+    metrics = {name: method_metric(methods[name]) for name in chosen}
+    table = markdown_table({name: summarise(runs) for name, runs in logs.items()}, metrics)
     (out / "compare.md").write_text(table)
-    plot(logs, out / "compare.png")
+    plot(logs, out / "compare.png", x=args.x, metrics=metrics)
     print(table)
     print(f"wrote {out / 'compare.md'} and {out / 'compare.png'} in {time.time() - start:.0f} s")
 

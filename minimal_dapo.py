@@ -62,8 +62,9 @@ class Args:
     """score reverse by exact match (1 or 0) instead of per-character credit"""
     model: str = ""
     """Hugging Face causal LM (hub id or local folder); empty builds the tiny default Llama"""
-    warmup_steps: int = 40
-    """supervised warm-up steps that make the tiny default a partly competent base model (0: none)"""
+    warmup_steps: int = -1
+    """supervised warm-up steps that make the tiny default a partly competent base model (-1: the task's
+    own, 40 for reverse; 0: start from random weights)"""
     seed: int = 0
     """seed for weights, prompts and sampling: the same seed prints the same lines on CPU"""
     steps: int = 70
@@ -102,10 +103,13 @@ class Args:
 
 
 def group_advantages(rewards, eps=1e-4):
-    """Group z-score with the population std. rewards (P, G) -> advantages (P, G); 0 for a group
-    whose rewards are all equal."""
+    """Group z-score with the population std. rewards (P, G) -> advantages (P, G); exactly 0 for a
+    group whose rewards are all equal."""
     mean, std = rewards.mean(1, keepdim=True), rewards.std(1, unbiased=False, keepdim=True)
-    return (rewards - mean) / (std + eps)
+    flat = rewards.max(1, keepdim=True).values == rewards.min(1, keepdim=True).values  # (P, 1)
+    # std > 0 would not do: in float32 the mean and std of eight 0.6s are one rounding step (6e-8) off,
+    # and dividing by std + eps would turn that residue into advantages of about 6e-4
+    return torch.where(flat, torch.zeros_like(rewards), (rewards - mean) / (std + eps))
 
 
 def overlong_penalty(lengths, max_len, cache):
@@ -131,12 +135,16 @@ def policy_loss(logp, old_logp, adv, mask, clip_eps, clip_eps_high):
     """Clipped surrogate with a higher upper edge and no KL term, and its diagnostics.
     logp, old_logp, mask: (N, T); adv: (N,)."""
     ratio = torch.exp(logp - old_logp)  # (N, T); 1 in the first inner epoch
-    clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps_high)  # (N, T) asymmetric: room to raise a token
-    surrogate = torch.min(ratio * adv[:, None], clipped * adv[:, None])  # (N, T)
+    clamped = ratio.clamp(1 - clip_eps, 1 + clip_eps_high)  # (N, T) asymmetric: room to raise a token
+    surrogate = torch.min(ratio * adv[:, None], clamped * adv[:, None])  # (N, T)
     per_token = -surrogate  # (N, T)
-    outside = (ratio < 1 - clip_eps) | (ratio > 1 + clip_eps_high)  # (N, T) outside the clip band
+    # the tokens whose gradient the clip removed (TRL's clip_ratio/region_mean, verl's pg_clipfrac): a
+    # ratio outside the band on the side the advantage pushes towards; outside on the other side, the
+    # unclipped term is the smaller one and the gradient flows
+    clipped = (((ratio > 1 + clip_eps_high) & (adv[:, None] > 0))
+               | ((ratio < 1 - clip_eps) & (adv[:, None] < 0)))  # (N, T)
     stats = {"ratio": tt.masked_mean(ratio, mask),
-             "clip_frac": tt.masked_mean(outside.float(), mask),
+             "clip_frac": tt.masked_mean(clipped.float(), mask),
              "kl": tt.masked_mean(kl_k3(logp, old_logp), mask)}  # k3 to the sampler: there is no reference
     return aggregate(per_token, mask), {k: v.detach() for k, v in stats.items()}
 
@@ -164,7 +172,7 @@ def dynamic_sample(model, tok, task, rng, step, args, device):
     """Sample rounds of prompts_per_step fresh prompts and keep the informative groups, until
     prompts_per_step are kept or max_rounds rounds are spent. Returns the Rollout and task rewards (K, G)
     of the first K <= prompts_per_step kept groups, and the sampling statistics for the log."""
-    parts, kept, sampled, reward_sum = [], 0, 0, 0.0
+    parts, kept, sampled, reward_sum, gen_tokens = [], 0, 0, 0.0, 0.0
     for rounds in range(1, args.max_rounds + 1):
         examples = task.sample(rng, args.prompts_per_step)
         rollout, rewards = tt.rollout_groups(model, tok, task, examples, args.group_size, args, device)
@@ -172,6 +180,7 @@ def dynamic_sample(model, tok, task, rng, step, args, device):
         parts.append((rollout.select(keep.repeat_interleave(args.group_size)), rewards[keep]))
         kept, sampled = kept + int(keep.sum()), sampled + len(examples)
         reward_sum += rewards.sum()  # every sampled group counts towards the logged reward
+        gen_tokens += rollout.lengths.sum()  # and every sampled token towards the generation cost
         if kept >= args.prompts_per_step:
             break
     if kept == 0:
@@ -183,7 +192,7 @@ def dynamic_sample(model, tok, task, rng, step, args, device):
     first = torch.arange(kept, device=rewards.device) < args.prompts_per_step  # (K',) drop the surplus
     rollout, rewards = rollout.select(first.repeat_interleave(args.group_size)), rewards[first]  # K groups
     return rollout, rewards, {"reward": reward_sum / (sampled * args.group_size), "kept": kept / sampled,
-                              "rounds": rounds}
+                              "rounds": rounds, "gen_tokens": gen_tokens}
 
 
 def check_args(args):
@@ -222,7 +231,7 @@ def main():
             loss, stats, entropy = update(model, optimizer, rollout, adv, old_logp, step, args)
         grad_norm = stats.pop("grad_norm")
         logger.step(step, reward=sampling["reward"], loss=loss, entropy=entropy, **stats,
-                    grad_norm=grad_norm, len=rollout.lengths.mean(),
+                    grad_norm=grad_norm, len=rollout.lengths.mean(), gen_tokens=sampling["gen_tokens"],
                     len_wrong=tt.mean_length_wrong(rollout, rewards), kept=sampling["kept"],
                     rounds=sampling["rounds"], overlong=(penalty < 0).float().mean())
         if (args.eval_every and step % args.eval_every == 0) or step == args.steps:

@@ -20,12 +20,20 @@ token mean would instead make a token of a short completion count for more.
 One update per batch and no importance ratio: nothing bounds the policy shift, so DG takes no
 extra epochs; ratio is 1 and kl is 0 by construction, logged anyway.
 
---kondo adds the Kondo gate: a forward pass without grad prices every completion by its delight,
-chi_i = sum_t A_i * l_i,t (the advantage times the whole completion's surprisal: the completion is
-one action, as in the parent), and the forward and backward pass with grad run only on completions
-with chi_i > --kondo_price (0 keeps exactly the positive-advantage ones), or on the top share
---kondo_keep_rate of them. The loss still divides by all N completions: a dropped completion counts
-as zero, it does not inflate the others. `kept` logs the share trained on, the backward compute paid.
+--kondo adds the Kondo gate (the paper's Algorithm 1, as the rl-experiments KondoLoss implements it):
+a forward pass without grad prices every completion by its delight, chi_i = sum_t A_i * l_i,t (the
+advantage times the whole completion's surprisal: the completion is one action, as in the parent),
+and the forward and backward pass with grad run only on the completions the screen keeps:
+
+    keep_i ~ Bernoulli(sigmoid((chi_i - lambda) / eta)),   lambda such that mean_i sigmoid(...) = rate
+
+lambda is found by bisection, so --kondo_keep_rate of the batch is kept in expectation, and at
+eta = 1 a negative-delight completion still has a chance. --kondo_hard takes the eta -> 0 limit:
+exactly the top ceil(rate * N) completions by delight, no coin flips. The loss still divides by all
+N completions: a dropped completion counts as zero, it does not inflate the others, and the kept
+ones are not reweighted by their keep probability (as in the reference). A flat group's completions
+(A = 0, so chi = 0) can pass the stochastic screen and then pay a backward pass for no gradient.
+`kept` logs the share trained on, the backward compute paid.
 
 Run: uv run minimal_dg.py            (flags: uv run minimal_dg.py --help; add --kondo for the gate)
 """
@@ -45,8 +53,9 @@ class Args:
     """score reverse by exact match (1 or 0) instead of per-character credit"""
     model: str = ""
     """Hugging Face causal LM (hub id or local folder); empty builds the tiny default Llama"""
-    warmup_steps: int = 40
-    """supervised warm-up steps that make the tiny default a partly competent base model (0: none)"""
+    warmup_steps: int = -1
+    """supervised warm-up steps that make the tiny default a partly competent base model (-1: the task's
+    own, 40 for reverse; 0: start from random weights)"""
     seed: int = 0
     """seed for weights, prompts and sampling: the same seed prints the same lines on CPU"""
     steps: int = 200
@@ -60,11 +69,11 @@ class Args:
     eta: float = 1.0
     """gate temperature: w = sigmoid(delight / eta); large eta flattens every gate towards 1/2"""
     kondo: bool = False
-    """Kondo gate: run the backward pass only on completions whose delight passes a price"""
-    kondo_price: float = 0.0
-    """with --kondo, the price: a completion trains if its delight is above it (0: positive advantage)"""
-    kondo_keep_rate: float = 0.0
-    """with --kondo, if in (0, 1]: set the price to the (1 - rate) quantile of delight instead"""
+    """Kondo gate: run the backward pass only on the completions a delight screen keeps"""
+    kondo_keep_rate: float = 0.5
+    """with --kondo, the share of completions kept in expectation (sets the price lambda); 1 keeps all"""
+    kondo_hard: bool = False
+    """with --kondo, the screen's eta -> 0 limit: keep exactly the top ceil(rate * N) by delight"""
     max_grad_norm: float = 1.0
     """gradient-norm clip"""
     max_new_tokens: int = 10
@@ -83,9 +92,12 @@ class Args:
 
 
 def group_advantages(rewards):
-    """Leave-one-out baseline. rewards (P, G) -> advantages (P, G)."""
+    """Leave-one-out baseline. rewards (P, G) -> advantages (P, G); exactly 0 for a group whose rewards
+    are all equal."""
     g = rewards.size(1)
-    return g / (g - 1) * (rewards - rewards.mean(1, keepdim=True))
+    flat = rewards.max(1, keepdim=True).values == rewards.min(1, keepdim=True).values  # (P, 1)
+    # r - mean alone would not do: in float32 the mean of eight 0.6s is one rounding step (6e-8) off
+    return torch.where(flat, torch.zeros_like(rewards), g / (g - 1) * (rewards - rewards.mean(1, keepdim=True)))
 
 
 def token_delight(adv, logp):
@@ -99,17 +111,25 @@ def delight_gate(adv, logp, eta):
     return torch.sigmoid(token_delight(adv, logp) / eta)
 
 
-def kondo_keep(delight, price):
-    """Which completions are worth a backward pass: (N,) delight -> (N,) bool, strictly above the price.
-    At price 0 that is exactly the positive-advantage completions, since surprisal is never negative."""
-    return delight > price
+def kondo_price(chi, rate, eta, iters=60):
+    """The price lambda at which the screen keeps `rate` of the completions in expectation:
+    mean_i sigmoid((chi_i - lambda) / eta) = rate, by bisection (the mean falls as lambda rises)."""
+    lo, hi = chi.min() - 30 * eta, chi.max() + 30 * eta  # the mean is ~1 at lo and ~0 at hi
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if torch.sigmoid((chi - mid) / eta).mean() > rate else (lo, mid)
+    return (lo + hi) / 2
 
 
-def keep_rate_price(delight, rate):
-    """The price that lets the top ceil(rate * N) completions through: the next delight below them,
-    i.e. the (1 - rate) quantile (-inf when rate is 1, so that everything passes)."""
-    k = math.ceil(rate * delight.numel())
-    return delight.sort(descending=True).values[k] if k < delight.numel() else float("-inf")
+def kondo_keep(chi, rate, eta, hard=False):
+    """The screen: which completions get a backward pass. chi (N,) delights -> keep (N,) bool.
+    Stochastic, keep_i ~ Bernoulli(sigmoid((chi_i - lambda) / eta)); or hard, the eta -> 0 limit that
+    keeps exactly the top ceil(rate * N), ties broken by position."""
+    if hard:
+        keep = torch.zeros_like(chi, dtype=torch.bool)
+        keep[chi.argsort(descending=True, stable=True)[:math.ceil(rate * chi.numel())]] = True
+        return keep
+    return torch.bernoulli(torch.sigmoid((chi - kondo_price(chi, rate, eta)) / eta)).bool()
 
 
 @torch.no_grad()
@@ -118,8 +138,7 @@ def kondo_pass(model, rollout, adv, args):
     backward pass, (N,) bool, and the token entropies, (N, T), for the log."""
     logp, entropy = tt.token_logprobs(model, rollout)  # (N, T) each
     chi = (token_delight(adv, logp) * rollout.completion_mask).sum(1)  # (N,) A_i times the whole surprisal
-    price = keep_rate_price(chi, args.kondo_keep_rate) if args.kondo_keep_rate else args.kondo_price
-    return kondo_keep(chi, price), entropy
+    return kondo_keep(chi, args.kondo_keep_rate, args.eta, args.kondo_hard), entropy
 
 
 def kl_k3(logp, ref_logp):
@@ -140,7 +159,7 @@ def policy_loss(logp, old_logp, adv, mask, eta, n):
     gate = delight_gate(adv, logp.detach(), eta)  # (K, T) no gradient through the gate
     per_token = -(gate * adv[:, None]).detach() * logp  # (K, T) sg(w A) log pi: gradient only via log pi
     stats = {"ratio": tt.masked_mean(ratio, mask),
-             "clip_frac": tt.masked_mean(((ratio - 1).abs() > 0.2).float(), mask),  # vs +-0.2, a diagnostic
+             "clip_frac": tt.masked_mean(((ratio - 1).abs() > 0.2).float(), mask),  # no clip: drift past +-0.2
              "kl": tt.masked_mean(kl_k3(logp, old_logp), mask),  # k3 to the sampling policy
              "gate": tt.masked_mean(gate, mask)}
     return aggregate(per_token, mask, n), {k: v.detach() for k, v in stats.items()}
@@ -152,7 +171,7 @@ def update(model, optimizer, rollout, adv, step, args):
     keep, entropy = torch.ones_like(adv, dtype=torch.bool), None  # (N,) without the gate, all train
     if args.kondo:
         keep, entropy = kondo_pass(model, rollout, adv, args)  # (N,) bool; (N, T)
-        if not keep.any():  # nothing passed the price (e.g. every group agreed): no step at all
+        if not keep.any():  # the screen kept nothing: no step at all
             zero = torch.zeros((), device=adv.device)
             stats = dict(ratio=zero + 1, clip_frac=zero, kl=zero, gate=zero, grad_norm=zero, kept=zero)
             return zero, stats, tt.masked_mean(entropy, mask)
@@ -172,12 +191,10 @@ def check_args(args):
     tt.check_common_args(args, min_group=2)
     if not args.eta > 0:
         tt.fail(f"--eta must be positive, got {args.eta}")
-    if not 0 <= args.kondo_keep_rate <= 1:
-        tt.fail(f"--kondo_keep_rate must lie in (0, 1] (0: use --kondo_price), got {args.kondo_keep_rate}")
-    if args.kondo_keep_rate and args.kondo_price:
-        tt.fail("--kondo_price and --kondo_keep_rate both set the price; give one of them")
-    if (args.kondo_price or args.kondo_keep_rate) and not args.kondo:
-        tt.fail("--kondo_price and --kondo_keep_rate only apply with --kondo")
+    if not 0 < args.kondo_keep_rate <= 1:
+        tt.fail(f"--kondo_keep_rate must lie in (0, 1], got {args.kondo_keep_rate}")
+    if args.kondo_hard and not args.kondo:
+        tt.fail("--kondo_hard only applies with --kondo")
 
 
 # TRY NOT TO MODIFY: the loop every file shares.
@@ -198,7 +215,7 @@ def main():
         loss, stats, entropy = update(model, optimizer, rollout, adv, step, args)
         grad_norm, gate, kept = stats.pop("grad_norm"), stats.pop("gate"), stats.pop("kept")
         logger.step(step, reward=rewards.mean(), loss=loss, entropy=entropy, **stats,
-                    grad_norm=grad_norm, len=rollout.lengths.mean(), gate=gate, kept=kept)
+                    grad_norm=grad_norm, len=rollout.lengths.mean(), gen_tokens=rollout.lengths.sum(), gate=gate, kept=kept)
         if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
             test_acc, exact = tt.evaluate(model, tok, task, device, args.max_new_tokens)
             logger.eval(step, test_acc, exact)

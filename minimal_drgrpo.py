@@ -48,8 +48,9 @@ class Args:
     """score reverse by exact match (1 or 0) instead of per-character credit"""
     model: str = ""
     """Hugging Face causal LM (hub id or local folder); empty builds the tiny default Llama"""
-    warmup_steps: int = 40
-    """supervised warm-up steps that make the tiny default a partly competent base model (0: none)"""
+    warmup_steps: int = -1
+    """supervised warm-up steps that make the tiny default a partly competent base model (-1: the task's
+    own, 40 for reverse; 0: start from random weights)"""
     seed: int = 0
     """seed for weights, prompts and sampling: the same seed prints the same lines on CPU"""
     steps: int = 100
@@ -84,9 +85,11 @@ class Args:
 
 
 def group_advantages(rewards):
-    """Group-centred reward, no std division. rewards (P, G) -> advantages (P, G); 0 for a group
-    whose rewards are all equal."""
-    return rewards - rewards.mean(1, keepdim=True)
+    """Group-centred reward, no std division. rewards (P, G) -> advantages (P, G); exactly 0 for a
+    group whose rewards are all equal."""
+    flat = rewards.max(1, keepdim=True).values == rewards.min(1, keepdim=True).values  # (P, 1)
+    # r - mean alone would not do: in float32 the mean of eight 0.6s is one rounding step (6e-8) off
+    return torch.where(flat, torch.zeros_like(rewards), rewards - rewards.mean(1, keepdim=True))
 
 
 def kl_k3(logp, ref_logp):
@@ -107,8 +110,12 @@ def policy_loss(logp, old_logp, ref_logp, adv, mask, clip_eps, beta, max_len):
     surrogate = torch.min(ratio * adv[:, None], ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv[:, None])
     kl = kl_k3(logp, ref_logp)  # (N, T) k3 to the frozen base model, inside the per-token sum
     per_token = -(surrogate - beta * kl)  # (N, T)
+    # the tokens whose gradient the clip removed (TRL's clip_ratio/region_mean, verl's pg_clipfrac): a
+    # ratio outside the band on the side the advantage pushes towards; outside on the other side, the
+    # unclipped term is the smaller one and the gradient flows
+    clipped = ((ratio > 1 + clip_eps) & (adv[:, None] > 0)) | ((ratio < 1 - clip_eps) & (adv[:, None] < 0))  # (N, T)
     stats = {"ratio": tt.masked_mean(ratio, mask),
-             "clip_frac": tt.masked_mean(((ratio - 1).abs() > clip_eps).float(), mask),
+             "clip_frac": tt.masked_mean(clipped.float(), mask),
              "kl": tt.masked_mean(kl, mask)}
     return aggregate(per_token, mask, max_len), {k: v.detach() for k, v in stats.items()}
 
@@ -160,7 +167,7 @@ def main():
             loss, stats, entropy = update(model, optimizer, rollout, adv, old_logp, ref_logp, step, args)
         grad_norm = stats.pop("grad_norm")
         logger.step(step, reward=rewards.mean(), loss=loss, entropy=entropy, **stats,
-                    grad_norm=grad_norm, len=rollout.lengths.mean(),
+                    grad_norm=grad_norm, len=rollout.lengths.mean(), gen_tokens=rollout.lengths.sum(),
                     len_wrong=tt.mean_length_wrong(rollout, rewards))
         if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
             test_acc, exact = tt.evaluate(model, tok, task, device, args.max_new_tokens)

@@ -12,6 +12,12 @@ several inner epochs on the same batch, minus a k3 KL penalty to a frozen copy o
     J_i,t = min(rho A_i, clip(rho, 1-eps, 1+eps) A_i) - beta * k3(pi || pi_ref)
     loss  = -mean_i [ (1/|y_i|) sum_t J_i,t ]       (token mean per completion, then completion mean)
 
+A subtlety of the KL term, not a departure (the paper and verl do exactly this): the *value* of k3
+estimates KL(pi || pi_ref), but what a loss contributes is its gradient, and the gradient of k3 at a
+sampled token is (1 - pi_ref/pi) grad log pi, whose expectation under pi is the gradient of the other
+direction, KL(pi_ref || pi). So the penalty pulls the policy to keep covering whatever the base model
+would say (mass-covering), rather than only to stay inside it; the logged kl is the k3 value.
+
 Departure from the paper: 4 inner epochs per batch where the paper takes one gradient step per
 exploration stage. With one step rho is exactly 1 and the clip never fires (try --epochs 1); with four,
 the ratio, the clip fraction and the entropy collapse that METHODS.md describes are all visible.
@@ -34,8 +40,9 @@ class Args:
     """score reverse by exact match (1 or 0) instead of per-character credit"""
     model: str = ""
     """Hugging Face causal LM (hub id or local folder); empty builds the tiny default Llama"""
-    warmup_steps: int = 40
-    """supervised warm-up steps that make the tiny default a partly competent base model (0: none)"""
+    warmup_steps: int = -1
+    """supervised warm-up steps that make the tiny default a partly competent base model (-1: the task's
+    own, 40 for reverse; 0: start from random weights)"""
     seed: int = 0
     """seed for weights, prompts and sampling: the same seed prints the same lines on CPU"""
     steps: int = 100
@@ -70,10 +77,13 @@ class Args:
 
 
 def group_advantages(rewards, eps=1e-4):
-    """Group z-score with the population std. rewards (P, G) -> advantages (P, G); 0 for a group
-    whose rewards are all equal."""
+    """Group z-score with the population std. rewards (P, G) -> advantages (P, G); exactly 0 for a
+    group whose rewards are all equal."""
     mean, std = rewards.mean(1, keepdim=True), rewards.std(1, unbiased=False, keepdim=True)
-    return (rewards - mean) / (std + eps)
+    flat = rewards.max(1, keepdim=True).values == rewards.min(1, keepdim=True).values  # (P, 1)
+    # std > 0 would not do: in float32 the mean and std of eight 0.6s are one rounding step (6e-8) off,
+    # and dividing by std + eps would turn that residue into advantages of about 6e-4
+    return torch.where(flat, torch.zeros_like(rewards), (rewards - mean) / (std + eps))
 
 
 def kl_k3(logp, ref_logp):
@@ -93,8 +103,12 @@ def policy_loss(logp, old_logp, ref_logp, adv, mask, clip_eps, beta):
     surrogate = torch.min(ratio * adv[:, None], ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv[:, None])
     kl = kl_k3(logp, ref_logp)  # (N, T) k3 to the frozen base model, inside the per-token sum
     per_token = -(surrogate - beta * kl)  # (N, T)
+    # the tokens whose gradient the clip removed (TRL's clip_ratio/region_mean, verl's pg_clipfrac): a
+    # ratio outside the band on the side the advantage pushes towards; outside on the other side, the
+    # unclipped term is the smaller one and the gradient flows
+    clipped = ((ratio > 1 + clip_eps) & (adv[:, None] > 0)) | ((ratio < 1 - clip_eps) & (adv[:, None] < 0))  # (N, T)
     stats = {"ratio": tt.masked_mean(ratio, mask),
-             "clip_frac": tt.masked_mean(((ratio - 1).abs() > clip_eps).float(), mask),
+             "clip_frac": tt.masked_mean(clipped.float(), mask),
              "kl": tt.masked_mean(kl, mask)}
     return aggregate(per_token, mask), {k: v.detach() for k, v in stats.items()}
 
@@ -145,7 +159,7 @@ def main():
             loss, stats, entropy = update(model, optimizer, rollout, adv, old_logp, ref_logp, step, args)
         grad_norm = stats.pop("grad_norm")
         logger.step(step, reward=rewards.mean(), loss=loss, entropy=entropy, **stats,
-                    grad_norm=grad_norm, len=rollout.lengths.mean(),
+                    grad_norm=grad_norm, len=rollout.lengths.mean(), gen_tokens=rollout.lengths.sum(),
                     len_wrong=tt.mean_length_wrong(rollout, rewards))
         if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
             test_acc, exact = tt.evaluate(model, tok, task, device, args.max_new_tokens)

@@ -48,8 +48,9 @@ class Args:
     """score reverse by exact match (1 or 0) instead of per-character credit"""
     model: str = ""
     """Hugging Face causal LM (hub id or local folder); empty builds the tiny default Llama"""
-    warmup_steps: int = 40
-    """supervised warm-up steps that make the tiny default a partly competent base model (0: none)"""
+    warmup_steps: int = -1
+    """supervised warm-up steps that make the tiny default a partly competent base model (-1: the task's
+    own, 40 for reverse; 0: start from random weights)"""
     seed: int = 0
     """seed for weights, prompts and sampling: the same seed prints the same lines on CPU"""
     steps: int = 200
@@ -78,9 +79,12 @@ class Args:
 
 
 def group_advantages(rewards):
-    """Leave-one-out baseline. rewards (P, G) -> advantages (P, G)."""
+    """Leave-one-out baseline. rewards (P, G) -> advantages (P, G); exactly 0 for a group whose rewards
+    are all equal."""
     g = rewards.size(1)
-    return g / (g - 1) * (rewards - rewards.mean(1, keepdim=True))
+    flat = rewards.max(1, keepdim=True).values == rewards.min(1, keepdim=True).values  # (P, 1)
+    # r - mean alone would not do: in float32 the mean of eight 0.6s is one rounding step (6e-8) off
+    return torch.where(flat, torch.zeros_like(rewards), g / (g - 1) * (rewards - rewards.mean(1, keepdim=True)))
 
 
 def kl_k3(logp, ref_logp):
@@ -99,7 +103,7 @@ def policy_loss(logp, old_logp, adv, mask):
     ratio = torch.exp(logp - old_logp)  # (N, T); 1 exactly: one update per batch
     per_token = -adv[:, None] * logp  # (N, T)
     stats = {"ratio": tt.masked_mean(ratio, mask),
-             "clip_frac": tt.masked_mean(((ratio - 1).abs() > 0.2).float(), mask),  # vs +-0.2, a diagnostic
+             "clip_frac": tt.masked_mean(((ratio - 1).abs() > 0.2).float(), mask),  # no clip: drift past +-0.2
              "kl": tt.masked_mean(kl_k3(logp, old_logp), mask)}  # k3 to the sampling policy
     return aggregate(per_token, mask), {k: v.detach() for k, v in stats.items()}
 
@@ -139,7 +143,7 @@ def main():
         loss, stats, entropy = update(model, optimizer, rollout, adv, step, args)
         grad_norm = stats.pop("grad_norm")
         logger.step(step, reward=rewards.mean(), loss=loss, entropy=entropy, **stats,
-                    grad_norm=grad_norm, len=rollout.lengths.mean())
+                    grad_norm=grad_norm, len=rollout.lengths.mean(), gen_tokens=rollout.lengths.sum())
         if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
             test_acc, exact = tt.evaluate(model, tok, task, device, args.max_new_tokens)
             logger.eval(step, test_acc, exact)

@@ -15,7 +15,10 @@ rewards) and minimise the cross-entropy from q to the policy renormalised over t
 The gradient with respect to s_i is p_i - q_i (p = softmax(s)): it vanishes once the policy,
 restricted to the candidates, matches the target. That fixed point is the trust region, so q stays
 frozen for all 4 inner epochs and there is no ratio clip, no KL penalty and no reference model.
-ratio, clip_frac (against +-0.2) and kl (k3 to the sampling policy) are logged as diagnostics only.
+A group whose rewards all agree (u = 0, so q = p_old) has no signal of its own but stays in the mean
+over groups: in later epochs its loss pulls the policy back towards pi_old, an anchor for free.
+ratio, clip_frac (the share of tokens whose ratio drifted past +-0.2) and kl (k3 to the sampling
+policy) are logged as diagnostics only.
 
 Departure from the toys: completions here vary in length, and s_i sums over every token up to and
 including EOS, so the length is part of the candidate. Nothing else departs that we know of.
@@ -37,8 +40,9 @@ class Args:
     """score reverse by exact match (1 or 0) instead of per-character credit"""
     model: str = ""
     """Hugging Face causal LM (hub id or local folder); empty builds the tiny default Llama"""
-    warmup_steps: int = 40
-    """supervised warm-up steps that make the tiny default a partly competent base model (0: none)"""
+    warmup_steps: int = -1
+    """supervised warm-up steps that make the tiny default a partly competent base model (-1: the task's
+    own, 40 for reverse; 0: start from random weights)"""
     seed: int = 0
     """seed for weights, prompts and sampling: the same seed prints the same lines on CPU"""
     steps: int = 100
@@ -74,7 +78,8 @@ def group_advantages(rewards):
     """Group z-score u with the population std. rewards (P, G) -> u (P, G); exactly 0 for a group
     whose rewards are all equal. No eps: u must have unit scale, because eta is measured in it."""
     mean, std = rewards.mean(1, keepdim=True), rewards.std(1, unbiased=False, keepdim=True)
-    flat = (rewards == rewards[:, :1]).all(1, keepdim=True)  # (P, 1); rounding can leave std at 3e-8, not 0
+    flat = rewards.max(1, keepdim=True).values == rewards.min(1, keepdim=True).values  # (P, 1)
+    # std > 0 would not do: in float32 the mean and std of eight 0.6s are one rounding step (6e-8) off
     return torch.where(flat, torch.zeros_like(rewards), (rewards - mean) / std.clamp(min=1e-12))
 
 
@@ -103,7 +108,7 @@ def policy_loss(logp, old_logp, q, mask):
     s = aggregate(logp, mask).view_as(q)  # (P, G) each candidate's log-prob under the current policy
     per_group = -(q * s.log_softmax(1)).sum(1)  # (P,) cross-entropy H(q, p); d/ds_i = p_i - q_i
     stats = {"ratio": tt.masked_mean(ratio, mask),
-             "clip_frac": tt.masked_mean(((ratio - 1).abs() > 0.2).float(), mask),  # vs +-0.2, a diagnostic
+             "clip_frac": tt.masked_mean(((ratio - 1).abs() > 0.2).float(), mask),  # no clip: drift past +-0.2
              "kl": tt.masked_mean(kl_k3(logp, old_logp), mask)}  # k3 to the sampling policy
     return per_group.mean(), {k: v.detach() for k, v in stats.items()}  # mean over groups
 
@@ -151,7 +156,7 @@ def main():
             loss, stats, entropy = update(model, optimizer, rollout, q, old_logp, step, args)
         grad_norm = stats.pop("grad_norm")
         logger.step(step, reward=rewards.mean(), loss=loss, entropy=entropy, **stats,
-                    grad_norm=grad_norm, len=rollout.lengths.mean(),
+                    grad_norm=grad_norm, len=rollout.lengths.mean(), gen_tokens=rollout.lengths.sum(),
                     len_wrong=tt.mean_length_wrong(rollout, rewards),
                     target_entropy=torch.special.entr(q).sum(1).mean(), max_q=q.max(1).values.mean())
         if (args.eval_every and step % args.eval_every == 0) or step == args.steps:

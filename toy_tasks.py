@@ -65,6 +65,7 @@ class Task:
     name = ""
     alphabet = ""  # every character a prompt, answer or privileged context can contain
     separator = "|"  # joins privileged context to a prompt for a teacher's view
+    warmup_steps = 40  # supervised warm-up steps that give this task's base model (--warmup_steps -1)
 
     def __init__(self, binary=False, test_size=256, test_seed=1234):
         self.binary = binary
@@ -139,16 +140,21 @@ class ReverseTask(Task):
 
 
 class AddTask(Task):
-    """Add two integers: "37+45=" -> "82". Exact-match reward only: the sparse-reward counterpart."""
+    """Add a number below 100 and a digit: "37+5=" -> "42". Exact-match reward only: the sparse-reward
+    counterpart. Calibrated so that RL has something to sharpen: the tiny model learns addition slowly
+    and with a sudden jump, so two two-digit numbers after 40 warm-up steps gave an exact-match base of
+    0.01 (every group flat, nothing to learn), while this task after its 150 warm-up steps gives about
+    0.3 (README: Tasks)."""
     name = "add"
     alphabet = "0123456789+=|"
+    warmup_steps = 150
 
-    def __init__(self, max_value=99, **kw):
-        self.max_value = max_value
+    def __init__(self, max_value=99, max_digit=9, **kw):
+        self.max_value, self.max_digit = max_value, max_digit
         super().__init__(**kw)
 
     def make_example(self, rng):
-        a, b = rng.randint(0, self.max_value), rng.randint(0, self.max_value)
+        a, b = rng.randint(0, self.max_value), rng.randint(0, self.max_digit)
         return Example(prompt=f"{a}+{b}=", answer=str(a + b), context=str(a + b))
 
     def reward(self, text, ex):
@@ -247,8 +253,9 @@ def load_policy(args, task, device):
     if args.max_new_tokens < need:
         fail(f"--max_new_tokens {args.max_new_tokens} is too small for task {task.name!r}: "
              f"its answers need up to {need} tokens including the end-of-sequence token")
-    if not args.model and args.warmup_steps > 0:
-        supervised_warmup(model, tok, task, args.warmup_steps, args.seed)
+    warmup_steps = task.warmup_steps if args.warmup_steps == -1 else args.warmup_steps
+    if not args.model and warmup_steps > 0:
+        supervised_warmup(model, tok, task, warmup_steps, args.seed)
     return model, tok
 
 
@@ -264,7 +271,7 @@ class Rollout:
     completion_mask: torch.Tensor  # (N, T) float, 1 up to and including the first EOS
     truncated: torch.Tensor  # (N,) bool, True where no EOS came within the token budget
     texts: list  # N decoded completions, without the EOS
-    temperature: float = 1.0  # log-probs are taken at the temperature that sampled the tokens
+    temperature: float = 1.0  # the policy's log-probs are taken at the temperature that sampled the tokens
 
     @property
     def lengths(self):
@@ -335,20 +342,27 @@ def sample(model, tok, prompt_ids, prompt_mask, max_new_tokens, temperature=1.0,
     return Rollout(prompt_ids, prompt_mask, completion, cmask, truncated, texts, temperature)
 
 
-def completion_logits(model, rollout):
-    """Logits that predicted each completion token: (N, T, V), one forward pass over prompt+completion."""
+def completion_logits(model, rollout, temperature):
+    """Logits that predicted each completion token, divided by `temperature`: (N, T, V), one forward
+    pass over prompt+completion. The temperature is the caller's choice, never implied: the rollout's
+    own sampling temperature for the policy that sampled it (its pi_old, and a reference model scored
+    the same way for a KL), 1 for any other model that only scores the tokens (a teacher, a frozen
+    student): a teacher divided by the student's sampling temperature would be silently tempered."""
     ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], 1)
     mask = torch.cat([rollout.prompt_mask, rollout.completion_mask.long()], 1)
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
     p = rollout.prompt_ids.size(1)
-    return logits[:, p - 1:-1].float() / rollout.temperature
+    return logits[:, p - 1:-1].float() / temperature
 
 
-def token_logprobs(model, rollout):
+def token_logprobs(model, rollout, temperature=None):
     """Per-token log-probs of the sampled tokens (with grad) and entropies of the full next-token
-    distribution (no grad, a metric): both (N, T). Mask them with `rollout.completion_mask`."""
-    logp_all = completion_logits(model, rollout).log_softmax(-1)
+    distribution (no grad, a metric): both (N, T). Mask them with `rollout.completion_mask`.
+    temperature=None scores at the rollout's sampling temperature, which is right for the policy that
+    sampled it; pass temperature=1.0 for any model that only scores (see `completion_logits`)."""
+    temperature = rollout.temperature if temperature is None else temperature
+    logp_all = completion_logits(model, rollout, temperature).log_softmax(-1)
     logp = logp_all.gather(-1, rollout.completion_ids[..., None]).squeeze(-1)
     with torch.no_grad():
         entropy = -(logp_all.exp() * logp_all).sum(-1)
@@ -429,8 +443,10 @@ def check_common_args(args, min_group=2):
     for name in ("lr", "temperature", "max_grad_norm"):
         if not getattr(args, name) > 0:
             fail(f"--{name} must be positive, got {getattr(args, name)}")
-    if args.warmup_steps < 0 or args.eval_every < 0:
-        fail("--warmup_steps and --eval_every must not be negative")
+    if args.warmup_steps < -1:
+        fail(f"--warmup_steps must be -1 (the task's own), 0 (random weights) or more, got {args.warmup_steps}")
+    if args.eval_every < 0:
+        fail(f"--eval_every must not be negative, got {args.eval_every}")
     if args.binary and args.task != "reverse":
         fail("--binary applies to --task reverse only (add is always scored by exact match)")
     if args.device not in ("auto", "cpu", "cuda", "mps"):
@@ -439,6 +455,18 @@ def check_common_args(args, min_group=2):
         fail("--device cuda was asked for but no CUDA device is available")
     if args.device == "mps" and not torch.backends.mps.is_available():
         fail("--device mps was asked for but MPS is not available")
+    if args.log_jsonl:
+        check_log_path(args.log_jsonl)
+
+
+def check_log_path(path):
+    """--log_jsonl: create missing parent folders (runs/a.jsonl just works), and stop before any work
+    with one sentence if the file cannot be written there."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        open(path, "a").close()
+    except OSError as e:
+        fail(f"--log_jsonl {path!r} cannot be written ({e.strerror or type(e).__name__})")
 
 
 def pick_device(name):
@@ -491,11 +519,15 @@ class Logger:
     def step(self, step, **metrics):
         self._emit("step", {"step": step, **metrics})
 
-    def eval(self, step, test_acc, exact):
-        self._emit("eval", {"step": step, "test_acc": test_acc, "exact": exact}, prefix="eval ")
+    def eval(self, step, test_acc, exact, **extra):
+        self._emit("eval", {"step": step, "test_acc": test_acc, "exact": exact, **extra}, prefix="eval ")
 
-    def final(self, test_acc, exact, base_acc):
-        self._emit("final", {"test_acc": test_acc, "exact": exact, "base_acc": base_acc,
+    def info(self, kind, **record):
+        """A one-off line that is neither a step nor an evaluation, e.g. `teacher test_acc=0.99`."""
+        self._emit(kind, record, prefix=f"{kind} ")
+
+    def final(self, test_acc, exact, base_acc, **extra):
+        self._emit("final", {"test_acc": test_acc, "exact": exact, "base_acc": base_acc, **extra,
                              "time_s": time.time() - self.start}, prefix="final ")
         if self.file:
             self.file.close()

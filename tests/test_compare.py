@@ -20,10 +20,10 @@ def test_first_step_at_or_below_threshold():
     assert compare.first_at_or_below(steps, entropy, 0.01) is None
 
 
-def write_log(path, entropies, accs, final_acc, base=0.5):
+def write_log(path, entropies, accs, final_acc, base=0.5, tokens=100.0):
     lines = [{"kind": "eval", "step": 0, "test_acc": base, "exact": 0.0}]
     for i, (e, a) in enumerate(zip(entropies, accs), start=1):
-        lines.append({"kind": "step", "step": i, "entropy": e, "clip_frac": 0.1})
+        lines.append({"kind": "step", "step": i, "entropy": e, "clip_frac": 0.1, "gen_tokens": tokens * i})
         lines.append({"kind": "eval", "step": i, "test_acc": a, "exact": 0.0})
     lines.append({"kind": "final", "test_acc": final_acc, "exact": 0.0, "base_acc": base, "time_s": 1.0})
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
@@ -46,8 +46,25 @@ def test_summary_curves_and_table(tmp_path):
     assert compare.collapse_cell([4, None]) == "4 (1 of 2 seeds; others never)"
 
 
+def test_cumulative_tokens_and_mixed_metrics(tmp_path):
+    # run a samples 100, 200, 300 tokens at steps 1-3 (running sums 100, 300, 600); run b 50, 100, 150
+    # (50, 150, 300): the x-axis is the mean across runs, 0 at step 0 before any sampling
+    write_log(tmp_path / "a.jsonl", [0.5, 0.4, 0.3], [0.6, 0.7, 0.8], 0.8, tokens=100.0)
+    write_log(tmp_path / "b.jsonl", [0.5, 0.4, 0.3], [0.6, 0.7, 0.8], 0.8, tokens=50.0)
+    logs = [compare.read_log(tmp_path / "a.jsonl"), compare.read_log(tmp_path / "b.jsonl")]
+    assert compare.cumulative_tokens(logs, [0, 1, 2, 3]) == [0.0, 75.0, 225.0, 450.0]
+    for log in logs:
+        log["wall_s"] = 1.0
+    s = compare.summarise(logs)
+    same = compare.markdown_table({"x": s, "y": s}, {"x": compare.DEFAULT_METRIC})
+    assert "test_acc is" not in same  # one metric: no extra column
+    mixed = compare.markdown_table({"x": s, "y": s}, {"y": "best@3 under w_gold"})
+    assert "| test_acc is |" in mixed and "| best@3 under w_gold |" in mixed and compare.DEFAULT_METRIC in mixed
+
+
+@pytest.mark.slow
 def test_tiny_comparison_end_to_end(run, tmp_path):
-    p = run("compare.py", "--methods", "pg,grpo", "--seeds", 1, "--steps", 2, "--out", tmp_path,
+    p = run("compare.py", "--methods", "pg,grpo", "--seeds", 1, "--steps", 2, "--out", tmp_path, "--x", "gen_tokens",
             "--extra", "--warmup_steps 2 --eval_every 1 --prompts_per_step 4")
     assert p.returncode == 0, p.stderr
     assert "pg: cannot share --epochs" in p.stdout
@@ -57,6 +74,8 @@ def test_tiny_comparison_end_to_end(run, tmp_path):
     assert (tmp_path / "grpo_seed0.jsonl").exists()
 
 
-def test_unknown_method_fails_cleanly(run):
-    p = run("compare.py", "--methods", "nope")
-    assert p.returncode != 0 and "--methods" in p.stderr and "Traceback" not in p.stderr
+def test_unknown_method_fails_cleanly():
+    # compare.py stops with sys.exit("error: ..."), which Python prints to stderr as one line
+    with pytest.raises(SystemExit) as e:
+        compare.main(["--methods", "nope"])
+    assert str(e.value.code).startswith("error: --methods") and "nope" in str(e.value.code)

@@ -17,7 +17,8 @@ import minimal_grpo as grpo  # noqa: E402
 import toy_tasks as tt  # noqa: E402
 
 FAST = ["--steps", 2, "--warmup_steps", 2, "--eval_every", 0]
-SHARED_KEYS = ["step", "reward", "loss", "entropy", "ratio", "clip_frac", "kl", "grad_norm", "len"]
+SHARED_KEYS = ["step", "reward", "loss", "entropy", "ratio", "clip_frac", "kl", "grad_norm", "len",
+               "gen_tokens"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -33,6 +34,14 @@ def test_drgrpo_advantage_is_centred_not_scaled():
     assert torch.allclose(adv[0], torch.tensor([0.75, -0.25, -0.25, -0.25]))
     assert torch.allclose(adv[1], torch.tensor([0.0075, -0.0025, -0.0025, -0.0025]), atol=1e-6)
     assert torch.equal(adv[2], torch.zeros(4))  # no signal when the group agrees
+
+
+@pytest.mark.parametrize("module", [drgrpo, dapo])
+def test_flat_group_advantage_is_exactly_zero(module):
+    # equal rewards whose float32 mean is one rounding step off (see test_foundation.RESIDUE_GROUPS)
+    rewards = torch.tensor([[0.6] * 8, [1 / 3] * 8, [5 / 6] * 8])
+    assert (rewards - rewards.mean(1, keepdim=True)).abs().amax(1).min() > 0
+    assert torch.equal(module.group_advantages(rewards), torch.zeros(3, 8))
 
 
 def test_drgrpo_constant_length_aggregation():
@@ -99,7 +108,9 @@ def test_dapo_asymmetric_clip_at_both_edges():
     adv, mask = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0]), torch.ones(5, 1)
     loss, stats = dapo.policy_loss(logp, old, adv, mask, clip_eps=0.2, clip_eps_high=0.28)
     assert loss.item() == pytest.approx(-0.216)
-    assert stats["clip_frac"].item() == pytest.approx(4 / 5)  # all but 1.25 lie outside [0.8, 1.28]
+    # four ratios lie outside [0.8, 1.28], but the clip removed the gradient of two only, (1.35, +1)
+    # and (0.7, -1): TRL's clip_ratio/region_mean and verl's pg_clipfrac count those
+    assert stats["clip_frac"].item() == pytest.approx(2 / 5)
     loss.backward()
     # the clipped tokens get no gradient; the others get d(-rho A / 5)/dlogp = -rho A / 5
     assert torch.allclose(logp.grad.view(-1), torch.tensor([0.0, 1.35 / 5, -0.7 / 5, 0.0, -1.25 / 5]))
@@ -169,6 +180,8 @@ def test_dynamic_sampling_fills_the_batch_with_mixed_groups(monkeypatch):
     # the logged reward averages every sampled group, kept or not: 5 mixed groups (reward sum 1 each)
     # and 3 all-right groups (sum 2 each) over 16 completions -> (5 + 6) / 16 = 0.6875
     assert float(stats["reward"]) == pytest.approx(0.6875)
+    # every sampled token is paid for, kept or not: round 0 has 8 completions of 3 tokens, round 1 8 of 4
+    assert float(stats["gen_tokens"]) == 8 * 3 + 8 * 4
     # round 0 was narrower: its prompts gain masked padding on the left, its completions on the right
     assert rollout.prompt_ids.shape == (8, 3) and rollout.completion_ids.shape == (8, 4)
     assert rollout.prompt_mask[0].tolist() == [0, 1, 1] and rollout.prompt_mask[-1].tolist() == [1, 1, 1]
@@ -216,8 +229,8 @@ def test_stacked_rounds_score_as_they_did_apart():
 
 @pytest.mark.parametrize("script,extra", [("minimal_drgrpo.py", ["len_wrong"]),
                                           ("minimal_dapo.py", ["len_wrong", "kept", "rounds", "overlong"])])
-def test_two_steps_end_to_end(run, script, extra):
-    p = run(script, *FAST)
+def test_two_steps_end_to_end(run_fast, script, extra):
+    p = run_fast(script, *FAST)
     assert p.returncode == 0, p.stderr
     lines = p.stdout.strip().splitlines()
     keys = [kv.split("=")[0] for kv in lines[1].split()]
@@ -231,8 +244,8 @@ def test_two_steps_end_to_end(run, script, extra):
     ("minimal_dapo.py", ["--max_rounds", "0"], "--max_rounds"),
     ("minimal_dapo.py", ["--overlong_cache", "10"], "--overlong_cache"),  # the whole budget would be penalised
 ])
-def test_bad_method_flags_fail_cleanly(run, script, args, flag):
-    p = run(script, *args)
+def test_bad_method_flags_fail_cleanly(run_fast, script, args, flag):
+    p = run_fast(script, *args)
     assert p.returncode == 2
     err = p.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and flag in err[0], p.stderr

@@ -16,7 +16,8 @@ import minimal_tpo as tpo  # noqa: E402
 import toy_tasks as tt  # noqa: E402
 
 FAST = ["--steps", "2", "--warmup_steps", "2", "--eval_every", "0"]
-SHARED_KEYS = ["step", "reward", "loss", "entropy", "ratio", "clip_frac", "kl", "grad_norm", "len"]
+SHARED_KEYS = ["step", "reward", "loss", "entropy", "ratio", "clip_frac", "kl", "grad_norm", "len",
+               "gen_tokens"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,29 +119,53 @@ def test_dg_no_gradient_through_the_gate():
     assert stats["ratio"] == 1 and stats["kl"] == 0  # one update per batch, no importance ratio
 
 
-def test_kondo_price_zero_keeps_exactly_the_positive_advantage_samples():
-    torch.manual_seed(2)
-    rewards = torch.tensor([[1.0, 0.5, 0.5, 0.0], [0.2, 0.2, 0.2, 0.2], [0.0, 0.0, 0.0, 1.0]])
-    adv = dg.group_advantages(rewards).view(-1)  # (N,) leave-one-out; 0 for the flat middle group
-    logp = -torch.rand(12, 5) * 2 - 0.01  # (N, T), every token strictly surprising
-    mask = torch.ones(12, 5)
-    chi = (dg.token_delight(adv, logp) * mask).sum(1)  # (N,) a completion's delight, as in the file
-    keep = dg.kondo_keep(chi, 0.0)
-    assert torch.equal(keep, adv > 0)
-    assert keep.tolist() == [True, False, False, False] + [False] * 4 + [False, False, False, True]
+def test_dg_flat_group_advantage_is_exactly_zero():
+    rewards = torch.tensor([[0.6] * 8, [1 / 3] * 8, [5 / 6] * 8])  # float32 means one rounding step off
+    assert torch.equal(dg.group_advantages(rewards), torch.zeros(3, 8))
+    # and so a flat group's delight is exactly 0 (the screen's middle), not a sliver above the price
+    chi = (dg.token_delight(dg.group_advantages(rewards).view(-1), -torch.rand(24, 5)) * torch.ones(24, 5)).sum(1)
+    assert torch.equal(chi, torch.zeros(24))
 
 
-def test_kondo_keep_rate_price():
+def test_kondo_price_hits_the_keep_rate_in_expectation():
+    # chi = [-2, 0, 2], eta = 1, rate 1/2: by symmetry lambda = 0, and the keep probabilities are
+    # sigmoid(-2) = 0.119203, 1/2, sigmoid(2) = 0.880797, whose mean is exactly 1/2.
+    chi = torch.tensor([-2.0, 0.0, 2.0])
+    assert dg.kondo_price(chi, 0.5, 1.0).item() == pytest.approx(0.0, abs=1e-5)
+    # rate 0.8 on a random batch: the bisection's lambda gives mean keep probability 0.8
+    torch.manual_seed(0)
+    chi = torch.randn(64) * 2
+    for eta, rate in ((1.0, 0.8), (0.3, 0.25)):
+        lam = dg.kondo_price(chi, rate, eta)
+        assert torch.sigmoid((chi - lam) / eta).mean().item() == pytest.approx(rate, abs=1e-5)
+
+
+def test_kondo_stochastic_screen_keeps_the_rate_and_some_negative_delight():
+    # eta = 1 on delights -3..3: over many screens the kept share averages the rate, and a completion
+    # with negative delight is kept sometimes (the hard screen never keeps it)
+    chi = torch.linspace(-3, 3, 16)
+    torch.manual_seed(1)
+    keeps = torch.stack([dg.kondo_keep(chi, 0.5, 1.0) for _ in range(1000)]).float()  # (1000, 16)
+    assert keeps.mean().item() == pytest.approx(0.5, abs=0.02)  # 16000 coin flips: std 0.004
+    assert 0.02 < keeps[:, 0].mean().item() < 0.2  # chi = -3: p = sigmoid(-3 - lambda), lambda = 0
+    assert not dg.kondo_keep(chi, 0.5, 1.0, hard=True)[:8].any()
+
+
+def test_kondo_hard_screen_keeps_exactly_the_top_share_even_with_ties():
     chi = torch.tensor([3.0, 1.0, 2.0, 0.0])
-    # rate 1/2: the top ceil(2) = 2 pass; the price is the next delight down, 1, and 3, 2 > 1.
-    assert dg.kondo_keep(chi, dg.keep_rate_price(chi, 0.5)).tolist() == [True, False, True, False]
-    assert dg.kondo_keep(chi, dg.keep_rate_price(chi, 0.3)).sum() == 2  # ceil(1.2) = 2
-    assert dg.kondo_keep(chi, dg.keep_rate_price(chi, 1.0)).all()  # rate 1: everything passes
+    assert dg.kondo_keep(chi, 0.5, 1.0, hard=True).tolist() == [True, False, True, False]
+    assert dg.kondo_keep(chi, 0.3, 1.0, hard=True).sum() == 2  # ceil(1.2) = 2
+    assert dg.kondo_keep(chi, 1.0, 1.0, hard=True).all()
+    # six completions of a flat group (chi = 0) and two others: rate 1/2 keeps ceil(4) = 4, the
+    # positive one and the first three ties by position (a strict price of 0 would keep only 1)
+    chi = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.5, -1.5])
+    assert dg.kondo_keep(chi, 0.5, 1.0, hard=True).tolist() == [True, True, True, False, False, False, True, False]
 
 
 def test_kondo_pass_and_row_selection_on_the_tiny_model():
-    # The pricing pass on a real rollout keeps the positive-advantage rows, and the sub-Rollout of the
-    # kept rows gives the same per-token log-probs as the same rows of the full batch.
+    # The hard pricing pass on a real rollout keeps the top half by delight, here the positive-advantage
+    # rows, and the sub-Rollout of the kept rows gives the same per-token log-probs as the same rows of
+    # the full batch.
     torch.manual_seed(3)
     task = tt.make_task("reverse")
     tok = tt.build_char_tokenizer(task.alphabet)
@@ -148,7 +173,7 @@ def test_kondo_pass_and_row_selection_on_the_tiny_model():
     ids, pmask = tt.encode(tok, ["abc=", "abcdab=", "dd=", "cab="], "cpu")
     rollout = tt.sample(model, tok, ids, pmask, 10)
     adv = torch.tensor([0.5, -0.5, 1.0, -1.0])
-    keep, entropy = dg.kondo_pass(model, rollout, adv, SimpleNamespace(kondo_price=0.0, kondo_keep_rate=0.0))
+    keep, entropy = dg.kondo_pass(model, rollout, adv, SimpleNamespace(kondo_keep_rate=0.5, eta=1.0, kondo_hard=True))
     assert keep.tolist() == [True, False, True, False] and entropy.shape == rollout.completion_ids.shape
     sub = rollout.select(keep)
     with torch.no_grad():
@@ -170,27 +195,33 @@ def check_run(p, extra_keys):
     assert keys[:len(SHARED_KEYS)] == SHARED_KEYS and keys[-len(extra_keys):] == extra_keys
 
 
-def test_tpo_runs_end_to_end(run):
-    check_run(run("minimal_tpo.py", *FAST), ["target_entropy", "max_q"])
+def test_tpo_runs_end_to_end(run_fast):
+    check_run(run_fast("minimal_tpo.py", *FAST), ["target_entropy", "max_q"])
 
 
-def test_dg_runs_end_to_end(run):
-    check_run(run("minimal_dg.py", *FAST), ["gate", "kept"])
+def test_dg_runs_end_to_end(run_fast):
+    check_run(run_fast("minimal_dg.py", *FAST), ["gate", "kept"])
 
 
-def test_dg_kondo_runs_end_to_end(run):
-    p = run("minimal_dg.py", *FAST, "--kondo")
+@pytest.mark.parametrize("hard", [False, True])
+def test_dg_kondo_runs_end_to_end(run_fast, hard):
+    p = run_fast("minimal_dg.py", *FAST, "--kondo", *(["--kondo_hard"] if hard else []))
     check_run(p, ["gate", "kept"])
     kept = [float(line.split("kept=")[1]) for line in p.stdout.splitlines() if line.startswith("step=")]
-    assert all(0 < k < 1 for k in kept)  # some, not all: the negative-advantage half is skipped
+    if hard:
+        assert all(k == 0.5 for k in kept)  # exactly the top ceil(0.5 * 256) = 128 completions
+    else:
+        assert all(0.3 < k < 0.7 for k in kept)  # about half, by coin flips
 
 
 @pytest.mark.parametrize("script,args,flag", [
     ("minimal_tpo.py", ["--eta", "0"], "--eta"),
     ("minimal_dg.py", ["--kondo", "--kondo_keep_rate", "1.5"], "--kondo_keep_rate"),
+    ("minimal_dg.py", ["--kondo", "--kondo_keep_rate", "0"], "--kondo_keep_rate"),
+    ("minimal_dg.py", ["--kondo_hard"], "--kondo_hard"),
 ])
-def test_bad_method_flag_fails_loudly(run, script, args, flag):
-    p = run(script, *args)
+def test_bad_method_flag_fails_loudly(run_fast, script, args, flag):
+    p = run_fast(script, *args)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     err = p.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and flag in err[0]
