@@ -231,7 +231,7 @@ def main():
             loss, stats, entropy = update(model, optimizer, rollout, adv, old_logp, step, args)
         grad_norm = stats.pop("grad_norm")
         logger.step(step, reward=sampling["reward"], loss=loss, entropy=entropy, **stats,
-                    grad_norm=grad_norm, len=rollout.lengths.mean(), gen_tokens=sampling["gen_tokens"],
+                    grad_norm=grad_norm, len=rollout.lengths.mean(), gen_tokens=int(sampling["gen_tokens"]),
                     len_wrong=tt.mean_length_wrong(rollout, rewards), kept=sampling["kept"],
                     rounds=sampling["rounds"], overlong=(penalty < 0).float().mean())
         if (args.eval_every and step % args.eval_every == 0) or step == args.steps:

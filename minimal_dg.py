@@ -215,7 +215,7 @@ def main():
         loss, stats, entropy = update(model, optimizer, rollout, adv, step, args)
         grad_norm, gate, kept = stats.pop("grad_norm"), stats.pop("gate"), stats.pop("kept")
         logger.step(step, reward=rewards.mean(), loss=loss, entropy=entropy, **stats,
-                    grad_norm=grad_norm, len=rollout.lengths.mean(), gen_tokens=rollout.lengths.sum(), gate=gate, kept=kept)
+                    grad_norm=grad_norm, len=rollout.lengths.mean(), gen_tokens=int(rollout.lengths.sum()), gate=gate, kept=kept)
         if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
             test_acc, exact = tt.evaluate(model, tok, task, device, args.max_new_tokens)
             logger.eval(step, test_acc, exact)

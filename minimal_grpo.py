@@ -159,7 +159,7 @@ def main():
             loss, stats, entropy = update(model, optimizer, rollout, adv, old_logp, ref_logp, step, args)
         grad_norm = stats.pop("grad_norm")
         logger.step(step, reward=rewards.mean(), loss=loss, entropy=entropy, **stats,
-                    grad_norm=grad_norm, len=rollout.lengths.mean(), gen_tokens=rollout.lengths.sum(),
+                    grad_norm=grad_norm, len=rollout.lengths.mean(), gen_tokens=int(rollout.lengths.sum()),
                     len_wrong=tt.mean_length_wrong(rollout, rewards))
         if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
             test_acc, exact = tt.evaluate(model, tok, task, device, args.max_new_tokens)
