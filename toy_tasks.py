@@ -310,6 +310,16 @@ def completion_mask_from(tokens, eos_id):
     return (eos_before == 0).float()
 
 
+def repad(ids, keep, pad_id, left):
+    """Move each row's kept tokens to its right end (left=True: left padding, a prefix to continue from)
+    or to its left end (a completion), in their order, with pad_id elsewhere. ids, keep (R, W) -> ids and
+    the new mask (long). Tree rollouts use it to turn prompt + part of a completion into a prompt, and
+    prefix + continuation back into a completion."""
+    order = torch.sort(keep.long() if left else 1 - keep.long(), dim=1, stable=True).indices
+    keep = keep.gather(1, order)
+    return torch.where(keep, ids.gather(1, order), pad_id), keep.long()
+
+
 @torch.no_grad()
 def sample(model, tok, prompt_ids, prompt_mask, max_new_tokens, temperature=1.0, greedy=False):
     """Autoregressive sampling with a KV cache; each row stops at its first EOS."""
@@ -432,13 +442,14 @@ def parse_args(cls, argv=None):
 
 
 def check_common_args(args, min_group=2):
-    """Checks that every file shares. Each sentence names the flag to change."""
+    """Checks that every file shares. Each sentence names the flag to change. min_group=0: the file has
+    no --group_size (a tree counts its leaves from its own flags) and checks its group itself."""
     if args.task not in TASKS:
         fail(f"--task {args.task!r} is unknown; choose one of {', '.join(TASKS)}")
     for name in ("steps", "prompts_per_step", "max_new_tokens"):
         if getattr(args, name) < 1:
             fail(f"--{name} must be a positive whole number, got {getattr(args, name)}")
-    if args.group_size < min_group:
+    if min_group and args.group_size < min_group:
         fail(f"--group_size must be at least {min_group} for a group baseline, got {args.group_size}")
     for name in ("lr", "temperature", "max_grad_norm"):
         if not getattr(args, name) > 0:

@@ -1,0 +1,322 @@
+"""Tree GRPO: a tree of rollouts per prompt instead of a group of chains, with TreeRL's segment advantage.
+
+Papers: Hou et al. 2025, "TreeRL: LLM Reinforcement Learning with On-Policy Tree Search", arXiv 2506.11902
+(reference code THUDM/TreeRL: EPTree in entropy_chain_local_manager.py, tree_node.py, and a verl port);
+Ji et al. 2025, "Tree Search for LLM Agent Reinforcement Learning" (Tree-GRPO), arXiv 2509.21240.
+Parent: minimal_grpo.py.
+The change: per prompt, grow a tree (EPTree): M root chains; L times, in each tree the N sampled tokens
+of highest surprisal -log p(y_t) become forks, and T continuations are sampled from the prefix y[:t]
+(the forked token itself is re-sampled). Leaves are whole completions, scored by the task; each token
+gets the advantage of its segment s (a run of tokens shared by the same leaves):
+
+    V(s) = mean reward of the L(s) leaves below s;   V(root) = mean over all leaves of the prompt
+    A(s) = [(V(s) - V(root)) + (V(s) - V(parent(s)))] / sqrt(L(s))        (global + local term, no std)
+
+and GRPO's clipped surrogate, k3 KL, inner epochs and per-sequence token mean use A per token. As in
+TreeRL, the rows are root-to-leaf paths: a prefix shared by L(s) leaves is trained in each of their
+rows with the same A(s), a total weight L(s) A(s) = sqrt(L(s)) [...]: that is what the sqrt is for.
+pi_old comes from one forward pass over all rows, so a duplicated token has one pi_old. --advantage
+tree_grpo: Tree-GRPO's leaf reward z-scored within its tree plus within the prompt, on every token of
+the path (from the paper's summary; its code was not available).
+
+The toy in arithmetic: a completion is ~6 tokens with EOS, so GRPO's G = 8 samples ~48 per prompt; the
+default (M, N, L, T) = (4, 1, 1, 2) samples 4 chains (~24 tokens) and 2 continuations from one fork per
+chain, about halfway along (~3 tokens each, ~24): ~48 tokens for 12 leaves (measured: GEN). The least
+likely token of a nearly right answer is often its mistake: re-rolling it re-rolls the mistake, and
+the local term V(s) - V(parent) credits the new suffix, not the shared prefix.
+
+Choices and departures, each deliberate:
+- Candidates: the tokens each tree sampled itself, EOS included (re-rolling it explores length), ranked
+  by the sampled token's surprisal as TreeRL's code does, not the entropy; the toy has no "answer" marker.
+- The advantage is the verl port's (raw rewards, V(root) over all leaves), not the older code's
+  leave-one-out centring, without fill_in_paths (a segment with a local term of exactly 0 borrows its
+  parent's). A prompt whose leaves all tie gets exactly 0.
+- With --rounds above 1, a fork at a branch's first token adds siblings (TreeRL puts an empty segment
+  between); a tree with fewer than N candidates forks its best one again.
+- Leaves are cut at --max_new_tokens, prefix included; tokens sampled past that still count (~3%).
+- 20 prompts per step, not 32: 20 x 12 leaves train as 240 rows, GRPO's 32 x 8 as 256 (CPU TIME).
+- TreeRL's training (M, N, L, T) were not in the code read; the default matches GRPO's tokens.
+
+Run: uv run minimal_tree_grpo.py          (flags: uv run minimal_tree_grpo.py --help)
+The sampler alone, no training (claim C1): uv run tree_vs_chains.py --seeds 3
+"""
+import copy
+from dataclasses import dataclass
+
+import torch
+
+import toy_tasks as tt
+
+
+@dataclass
+class Args:
+    task: str = "reverse"
+    """task to train on: reverse (dense per-character reward) or add (exact-match reward)"""
+    binary: bool = False
+    """score reverse by exact match (1 or 0) instead of per-character credit"""
+    model: str = ""
+    """Hugging Face causal LM (hub id or local folder); empty builds the tiny default Llama"""
+    warmup_steps: int = -1
+    """supervised warm-up steps that make the tiny default a partly competent base model (-1: the task's
+    own, 40 for reverse; 0: start from random weights)"""
+    seed: int = 0
+    """seed for weights, prompts and sampling: the same seed prints the same lines on CPU"""
+    steps: int = 100
+    """RL steps; each samples a fresh batch of prompts"""
+    prompts_per_step: int = 32
+    """prompts per step"""
+    trees: int = 4
+    """M: root chains sampled per prompt, each the root of its own tree"""
+    forks: int = 1
+    """N: fork points per tree and round, its sampled tokens of highest surprisal -log p (EOS may be one)"""
+    rounds: int = 1
+    """L: rounds of forking; a later round may fork the branches of an earlier one (0: M plain chains)"""
+    branches: int = 2
+    """T: continuations re-sampled from each fork point, the forked token itself re-sampled"""
+    advantage: str = "treerl"
+    """treerl: TreeRL's segment advantage per token; tree_grpo: Tree-GRPO's z-scores of the leaf reward"""
+    lr: float = 1e-3
+    """AdamW learning rate"""
+    epochs: int = 4
+    """inner epochs: gradient steps on each sampled batch (mu; the paper uses 1)"""
+    clip_eps: float = 0.2
+    """PPO clip range: the ratio is clipped to [1 - clip_eps, 1 + clip_eps]"""
+    beta: float = 0.04
+    """weight of the k3 KL penalty to the frozen base model (0: no reference model)"""
+    max_grad_norm: float = 1.0
+    """gradient-norm clip"""
+    max_new_tokens: int = 10
+    """token budget per completion; one that never emits EOS is truncated and marked"""
+    temperature: float = 1.0
+    """sampling temperature (log-probs are taken at the same temperature)"""
+    eval_every: int = 20
+    """greedy held-out evaluation every this many steps (0: only at the end)"""
+    device: str = "auto"
+    """auto, cpu, cuda or mps"""
+    log_jsonl: str = ""
+    """also write every step's metrics to this JSON-lines file"""
+
+
+# ALGO LOGIC: everything that makes this method this method.
+
+
+def leaf_rollout(prompt_ids, prompt_mask, tokens, tok, temperature):
+    """Every leaf as one row (its tree's prompt, its whole completion), tree-major: prompts (Tr, P),
+    tokens (Tr, K, W) -> a Rollout of Tr * K rows, the completion mask rebuilt from the first EOS."""
+    k, ids = tokens.size(1), tokens.flatten(0, 1)  # (Tr * K, W)
+    mask = tt.completion_mask_from(ids, tok.eos_token_id)
+    width = int(mask.sum(1).max())
+    ids, mask, truncated = ids[:, :width], mask[:, :width], ~(ids == tok.eos_token_id).any(1)
+    texts = [tok.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(ids, mask)]
+    return tt.Rollout(prompt_ids.repeat_interleave(k, 0), prompt_mask.repeat_interleave(k, 0), ids, mask,
+                      truncated, texts, temperature)
+
+
+def pick_forks(surprisal, owner, n):
+    """TreeRL's fork points: per tree, the n tokens of highest surprisal among those its leaves sampled
+    themselves (a shared prefix token is one candidate), EOS included, padding never; with fewer than n
+    candidates, the best again. surprisal, owner (Tr, K, W) -> leaf and position, (Tr, n) each."""
+    k, w = owner.shape[1:]
+    own = owner == torch.arange(k, device=owner.device)[:, None]  # (Tr, K, W); False on padding (-1)
+    score, top = surprisal.masked_fill(~own, -torch.inf).flatten(1).topk(n, dim=1)  # (Tr, n)
+    top = torch.where(score > -torch.inf, top, top[:, :1])
+    return top // w, top % w
+
+
+def branch(model, tok, ids, mask, tokens, owner, leaf, t, args):
+    """T continuations from each fork (Tr, N), sampled after prompt + y[:t] of the forked leaf (t is at
+    most its EOS position: no prefix holds an EOS) and joined back into whole completions y[:t] + new,
+    cut to the budget. Returns the new leaves and owners (Tr, N * T, W), the continuations, stats."""
+    tr, k, width = tokens.shape
+    rows = torch.arange(tr, device=ids.device)[:, None]
+    n_new = args.forks * args.branches  # every fork point gets T continuations: (Tr, N) -> (Tr * N * T,)
+    parent = tokens[rows, leaf].flatten(0, 1).repeat_interleave(args.branches, 0)  # (Tr*N*T, W)
+    parent_owner = owner[rows, leaf].flatten(0, 1).repeat_interleave(args.branches, 0)
+    t = t.flatten().repeat_interleave(args.branches)  # (Tr*N*T,)
+    before = torch.arange(width, device=ids.device) < t[:, None]  # (Tr*N*T, W) the prefix y[:t]
+    prefix_ids, prefix_mask = tt.repad(torch.cat([ids.repeat_interleave(n_new, 0), parent], 1),
+                                       torch.cat([mask.repeat_interleave(n_new, 0).bool(), before], 1),
+                                       tok.pad_token_id, left=True)
+    cont = tt.sample(model, tok, prefix_ids, prefix_mask, width, args.temperature)
+    new, kept = tt.repad(torch.cat([parent, cont.completion_ids], 1),
+                         torch.cat([before, cont.completion_mask.bool()], 1), tok.pad_token_id, left=False)
+    new, kept = new[:, :width], kept[:, :width]  # the budget counts the prefix too
+    new_id = k + torch.arange(new.size(0), device=ids.device) % n_new  # each new leaf's index in its tree
+    new_owner = torch.where(before, parent_owner, torch.where(kept.bool(), new_id[:, None], -1))
+    stats = {"fork_pos": t / (parent_owner >= 0).sum(1),  # where on the forked leaf, 0 = first token
+             "differs": new.gather(1, t[:, None]) != parent.gather(1, t[:, None])}  # the re-sampled token
+    return new.view(tr, n_new, width), new_owner.view(tr, n_new, width), cont, stats
+
+
+def grow_trees(model, tok, prompt_ids, prompt_mask, args):
+    """EPTree: M root chains per prompt, then L rounds of N forks per tree with T continuations each.
+    Returns the leaves (a Rollout, Tr = P * M trees of K leaves), owner (Tr, K, T): which leaf of its
+    tree sampled each token (-1: padding), and stats; gen_tokens (Tr,) counts every sampled token."""
+    pad = torch.nn.functional.pad
+    ids, mask = prompt_ids.repeat_interleave(args.trees, 0), prompt_mask.repeat_interleave(args.trees, 0)
+    roots = tt.sample(model, tok, ids, mask, args.max_new_tokens, args.temperature)
+    grow = args.max_new_tokens - roots.completion_ids.size(1)  # trees are kept at the full budget width
+    tokens = pad(roots.completion_ids, (0, grow), value=tok.pad_token_id)[:, None]  # (Tr, 1, W)
+    owner = torch.where(pad(roots.completion_mask, (0, grow)) > 0, 0, -1)[:, None]  # each root sampled its own
+    gen_tokens, forks = roots.lengths, []  # (Tr,)
+    for _ in range(args.rounds):
+        with torch.no_grad():
+            logp, _ = tt.token_logprobs(model, leaf_rollout(ids, mask, tokens, tok, args.temperature))
+        surprisal = -pad(logp, (0, tokens.size(2) - logp.size(1))).view(tokens.shape)  # (Tr, K, W)
+        leaf, t = pick_forks(surprisal, owner, args.forks)  # (Tr, N) each
+        new, new_owner, cont, stats = branch(model, tok, ids, mask, tokens, owner, leaf, t, args)
+        tokens, owner = torch.cat([tokens, new], 1), torch.cat([owner, new_owner], 1)
+        gen_tokens = gen_tokens + cont.lengths.view(len(ids), -1).sum(1)  # (Tr,) prefixes are free
+        forks.append(stats)
+    rollout = leaf_rollout(ids, mask, tokens, tok, args.temperature)
+    mean = lambda key: torch.cat([f[key].float().view(-1) for f in forks]).mean() if forks else torch.tensor(0.0)
+    stats = {"gen_tokens": gen_tokens, "fork_pos": mean("fork_pos"), "branch_differs": mean("differs")}
+    return rollout, owner[..., :rollout.completion_ids.size(1)], stats
+
+
+def tree_values(owner, rewards):
+    """Per token (P, M, K, T): V(s) and L(s) of its segment s, and V(parent(s)); and V(root) (P,). Two
+    leaves share a token when the same leaf sampled it; a segment ends where that set of leaves
+    shrinks, at a fork. owner (P, M, K, T), rewards (P, M, K)."""
+    shared = (owner[:, :, :, None] == owner[:, :, None]) & (owner[:, :, :, None] >= 0)  # (P, M, K, K, T)
+    below = shared.sum(3)  # (P, M, K, T) L(s)
+    value = (shared * rewards[:, :, None, :, None]).sum(3) / below.clamp(min=1)  # (P, M, K, T) V(s)
+    root = rewards.mean((1, 2))  # (P,) V(root): a virtual root above the M trees
+    # the first segment's parent: the virtual root, unless the tree forked at its very first token;
+    # then an empty segment holding all the tree's leaves sits in between
+    parent = torch.where(below[..., 0] < owner.size(2), rewards.mean(2, keepdim=True), root[:, None, None])
+    parents = [parent]
+    for t in range(1, owner.size(3)):  # within a segment the parent stays; at a fork it is the last segment
+        parent = torch.where(below[..., t] == below[..., t - 1], parent, value[..., t - 1])
+        parents.append(parent)
+    return value, torch.stack(parents, -1), below, root
+
+
+def treerl_advantages(owner, rewards):
+    """TreeRL: A(s) = [(V(s) - V(root)) + (V(s) - V(parent(s)))] / sqrt(L(s)) on every token of s:
+    (P, M, K, T); exactly 0 for a prompt whose leaves all tie (and on padding)."""
+    value, parent, below, root = tree_values(owner, rewards)
+    adv = ((value - root[:, None, None, None]) + (value - parent)) / below.clamp(min=1).sqrt()
+    flat = (rewards.amax((1, 2)) == rewards.amin((1, 2)))[:, None, None, None]  # (P, 1, 1, 1)
+    return torch.where(flat | (owner < 0), torch.zeros_like(adv), adv)
+
+
+def group_advantages(rewards, eps=1e-4):
+    """Group z-score with the population std. rewards (P, G) -> advantages (P, G); exactly 0 for a
+    group whose rewards are all equal."""
+    mean, std = rewards.mean(1, keepdim=True), rewards.std(1, unbiased=False, keepdim=True)
+    flat = rewards.max(1, keepdim=True).values == rewards.min(1, keepdim=True).values  # (P, 1)
+    # std > 0 would not do: in float32 the mean and std of eight 0.6s are one rounding step (6e-8) off,
+    # and dividing by std + eps would turn that residue into advantages of about 6e-4
+    return torch.where(flat, torch.zeros_like(rewards), (rewards - mean) / (std + eps))
+
+
+def tree_grpo_advantages(owner, rewards):
+    """Tree-GRPO: the leaf's z-score within its tree plus its z-score over all leaves of the prompt,
+    on every token of its root-to-leaf path: (P, M, K, T)."""
+    p, m, k = rewards.shape
+    leaf = group_advantages(rewards.view(p * m, k)).view(p, m, k) + group_advantages(rewards.view(p, m * k)).view(p, m, k)
+    return torch.where(owner >= 0, leaf[..., None], 0.0)
+
+
+ADVANTAGES = {"treerl": treerl_advantages, "tree_grpo": tree_grpo_advantages}
+
+
+def kl_k3(logp, ref_logp):
+    """Schulman's k3 estimator of KL(pi || ref) at the sampled tokens: exp(d) - d - 1, d = ref - pi."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def aggregate(per_token, mask):
+    """Per-sequence token mean (the 1/|y_i| factor), then mean over completions."""
+    return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+
+
+def policy_loss(logp, old_logp, ref_logp, adv, mask, clip_eps, beta):
+    """Clipped surrogate minus k3 KL, and its diagnostics. logp, old_logp, ref_logp, adv, mask: (N, T):
+    the advantage is now per token, one row per root-to-leaf path."""
+    ratio = torch.exp(logp - old_logp)  # (N, T); 1 in the first inner epoch
+    surrogate = torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+    kl = kl_k3(logp, ref_logp)  # (N, T) k3 to the frozen base model, inside the per-token sum
+    per_token = -(surrogate - beta * kl)  # (N, T)
+    # the tokens whose gradient the clip removed (TRL's clip_ratio/region_mean, verl's pg_clipfrac): a
+    # ratio outside the band on the side the advantage pushes towards; outside on the other side, the
+    # unclipped term is the smaller one and the gradient flows
+    clipped = ((ratio > 1 + clip_eps) & (adv > 0)) | ((ratio < 1 - clip_eps) & (adv < 0))  # (N, T)
+    stats = {"ratio": tt.masked_mean(ratio, mask),
+             "clip_frac": tt.masked_mean(clipped.float(), mask),
+             "kl": tt.masked_mean(kl, mask)}
+    return aggregate(per_token, mask), {k: v.detach() for k, v in stats.items()}
+
+
+def update(model, optimizer, rollout, adv, old_logp, ref_logp, step, args):
+    """One gradient step on a sampled batch; returns the loss, its diagnostics and the entropy."""
+    mask = rollout.completion_mask  # (N, T)
+    logp, entropy = tt.token_logprobs(model, rollout)  # (N, T) each
+    loss, stats = policy_loss(logp, old_logp, ref_logp, adv, mask, args.clip_eps, args.beta)
+    tt.check_finite(loss, step)
+    optimizer.zero_grad()
+    loss.backward()
+    stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+    optimizer.step()
+    return loss.detach(), stats, tt.masked_mean(entropy, mask)
+
+
+def check_args(args):
+    tt.check_common_args(args, min_group=0)  # no --group_size: the group is the tree's leaves
+    for name, least in (("trees", 1), ("forks", 1), ("rounds", 0), ("branches", 1)):
+        if getattr(args, name) < least:
+            tt.fail(f"--{name} must be a whole number of at least {least}, got {getattr(args, name)}")
+    if args.trees * (1 + args.rounds * args.forks * args.branches) < 2:
+        tt.fail("--trees 1 with --rounds 0 leaves one leaf per prompt; the baseline needs at least 2")
+    if args.advantage not in ADVANTAGES:
+        tt.fail(f"--advantage {args.advantage!r} is unknown; choose one of {', '.join(ADVANTAGES)}")
+    if args.epochs < 1:
+        tt.fail(f"--epochs must be at least 1, got {args.epochs}")
+    if not 0 < args.clip_eps < 1:
+        tt.fail(f"--clip_eps must lie strictly between 0 and 1, got {args.clip_eps}")
+    if args.beta < 0:
+        tt.fail(f"--beta must not be negative, got {args.beta}")
+
+
+# TRY NOT TO MODIFY: the loop every file shares.
+
+
+def main():
+    args = tt.parse_args(Args)
+    check_args(args)
+    task, model, tok, device, logger, rng = tt.setup(args)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # the frozen base, for the KL term
+    base_acc, exact = tt.evaluate(model, tok, task, device, args.max_new_tokens)
+    logger.eval(0, base_acc, exact)
+
+    for step in range(1, args.steps + 1):
+        examples = task.sample(rng, args.prompts_per_step)
+        prompt_ids, prompt_mask = tt.encode(tok, [ex.prompt for ex in examples], device)
+        rollout, owner, grown = grow_trees(model, tok, prompt_ids, prompt_mask, args)
+        k = owner.size(1)  # leaves per tree; every tree has the same number
+        rewards = task.rewards(rollout.texts, [ex for ex in examples for _ in range(args.trees * k)])
+        rewards = rewards.to(device).view(-1, args.trees, k)  # (P, M, K)
+        owner = owner.view(-1, args.trees, k, owner.size(-1))  # (P, M, K, T)
+        adv = ADVANTAGES[args.advantage](owner, rewards).flatten(0, 2)  # (N, T) one advantage per token
+        with torch.no_grad():
+            old_logp, _ = tt.token_logprobs(model, rollout)  # (N, T) pi_old, frozen for every epoch
+            ref_logp = tt.token_logprobs(ref_model, rollout)[0] if args.beta > 0 else old_logp
+        for epoch in range(args.epochs):  # the ratio and clip fraction logged are the last epoch's
+            loss, stats, entropy = update(model, optimizer, rollout, adv, old_logp, ref_logp, step, args)
+        grad_norm = stats.pop("grad_norm")
+        logger.step(step, reward=rewards.mean(), loss=loss, entropy=entropy, **stats,
+                    grad_norm=grad_norm, len=rollout.lengths.mean(), gen_tokens=int(grown["gen_tokens"].sum()),
+                    len_wrong=tt.mean_length_wrong(rollout, rewards), leaves=args.trees * k,
+                    fork_pos=grown["fork_pos"], branch_differs=grown["branch_differs"],
+                    dead_groups=(rewards.amax((1, 2)) == rewards.amin((1, 2))).float().mean())
+        if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
+            test_acc, exact = tt.evaluate(model, tok, task, device, args.max_new_tokens)
+            logger.eval(step, test_acc, exact)
+    logger.final(test_acc, exact, base_acc)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,310 @@
+"""Tests of minimal_tree_grpo.py and tree_vs_chains.py: tree values and both advantages on a hand-built
+tree, the limit where a tree is a group of chains, the sampler's forks, prefixes, re-assembled rows,
+old log-probs and token count on real trees, and the file as a user runs it."""
+import json
+import math
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the minimal_*.py files live at the top
+
+import minimal_grpo as grpo  # noqa: E402
+import minimal_tree_grpo as tree  # noqa: E402
+import toy_tasks as tt  # noqa: E402
+import tree_vs_chains  # noqa: E402
+
+FAST = ["--steps", 2, "--warmup_steps", 2, "--eval_every", 0, "--prompts_per_step", 8]
+SHARED_KEYS = ["step", "reward", "loss", "entropy", "ratio", "clip_frac", "kl", "grad_norm", "len",
+               "gen_tokens"]
+
+# ---------------------------------------------------------------------------------------------
+# A hand-built tree: one prompt, M = 2 trees of K = 3 leaves, 4 token positions. owner[m, k, t] is
+# the leaf of tree m that sampled token t of leaf k (-1: padding after EOS).
+#
+#   tree 0: leaf 0 is the root chain (4 tokens); leaves 1 and 2 fork from it at t = 2, so tokens 0-1
+#           are one segment shared by all three leaves. Rewards 1, 0, 0.5.
+#   tree 1: leaves 1 and 2 fork from the root chain at t = 0: nothing is shared, and an empty segment
+#           holding the tree's three leaves sits between them and the root. Rewards 0, 0, 1.
+OWNER = torch.tensor([[[[0, 0, 0, 0], [0, 0, 1, 1], [0, 0, 2, -1]],
+                       [[0, 0, 0, -1], [1, 1, -1, -1], [2, 2, 2, 2]]]])  # (P=1, M=2, K=3, T=4)
+REWARDS = torch.tensor([[[1.0, 0.0, 0.5], [0.0, 0.0, 1.0]]])  # (1, 2, 3)
+
+
+def test_tree_values_on_a_hand_built_tree():
+    value, parent, below, root = tree.tree_values(OWNER, REWARDS)
+    # V(root) = (1 + 0 + 0.5 + 0 + 0 + 1) / 6 = 5/12
+    assert root.item() == pytest.approx(5 / 12)
+    # tree 0: the shared segment (t = 0, 1) has L = 3 and V = 0.5, its parent the root (5/12); after
+    # the fork each leaf is its own segment (L = 1, V = its reward) whose parent is that shared segment
+    assert below[0, 0].tolist() == [[3, 3, 1, 1], [3, 3, 1, 1], [3, 3, 1, 0]]
+    assert torch.allclose(value[0, 0, :, :2], torch.full((3, 2), 0.5))
+    assert torch.allclose(parent[0, 0, :, :2], torch.full((3, 2), 5 / 12))
+    assert torch.allclose(value[0, 0, :, 2], torch.tensor([1.0, 0.0, 0.5]))
+    assert torch.allclose(parent[0, 0, :, 2:3], torch.full((3, 1), 0.5))
+    # tree 1: every leaf is one segment from t = 0, parent the empty segment: V = (0 + 0 + 1)/3 = 1/3
+    assert below[0, 1].tolist() == [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
+    assert torch.allclose(parent[0, 1, :, 0], torch.full((3,), 1 / 3))
+
+
+def test_treerl_advantage_on_a_hand_built_tree():
+    adv = tree.treerl_advantages(OWNER, REWARDS)[0]  # (M, K, T)
+    # tree 0, shared segment: [(0.5 - 5/12) + (0.5 - 5/12)] / sqrt(3) = (1/6) / 1.7320508 = 0.0962250
+    shared = (1 / 6) / math.sqrt(3)
+    # after the fork: leaf 0 (R = 1): (1 - 5/12) + (1 - 0.5) = 13/12; leaf 1 (R = 0): -5/12 - 1/2 =
+    # -11/12; leaf 2 (R = 0.5): (0.5 - 5/12) + 0 = 1/12, and 0 on its padding
+    expected0 = [[shared, shared, 13 / 12, 13 / 12], [shared, shared, -11 / 12, -11 / 12],
+                 [shared, shared, 1 / 12, 0.0]]
+    # tree 1: leaves 0 and 1 (R = 0): (0 - 5/12) + (0 - 1/3) = -3/4; leaf 2 (R = 1): 7/12 + 2/3 = 5/4
+    expected1 = [[-0.75, -0.75, -0.75, 0.0], [-0.75, -0.75, 0.0, 0.0], [1.25, 1.25, 1.25, 1.25]]
+    assert torch.allclose(adv, torch.tensor([expected0, expected1]), atol=1e-6)
+    # without the 1/sqrt(L) the shared segment would get 1/6: each of its 3 rows trains it, so its
+    # total weight is 3 * (1/6) / sqrt(3) = sqrt(3) * (1/6), not 3 * (1/6)
+    assert adv[0, 0, 0].item() * math.sqrt(3) == pytest.approx(1 / 6, abs=1e-6)
+
+
+def test_tree_grpo_advantage_on_the_same_tree():
+    adv = tree.tree_grpo_advantages(OWNER, REWARDS)[0]  # (M, K, T)
+    # within tree 0, [1, 0, 0.5]: mean 0.5, population std sqrt(1/6) = 0.4082483, so
+    #   z = [0.5, -0.5, 0] / 0.4083483 = [1.224445, -1.224445, 0]
+    # within tree 1, [0, 0, 1]: mean 1/3, std sqrt(2)/3 = 0.4714045: z = [-0.706957, -0.706957, 1.413914]
+    # across all six: mean 5/12, std sqrt(29)/12 = 0.4487637: z(1) = (7/12) / 0.4488637 = 1.299578,
+    #   z(0) = (-5/12) / 0.4488637 = -0.928270, z(0.5) = (1/12) / 0.4488637 = 0.185654
+    leaf = torch.tensor([[1.224445 + 1.299578, -1.224445 - 0.928270, 0.0 + 0.185654],
+                         [-0.706957 - 0.928270, -0.706957 - 0.928270, 1.413914 + 1.299578]])
+    # the leaf's advantage on every token of its path, shared or not; 0 on padding
+    assert torch.allclose(adv, torch.where(OWNER[0] >= 0, leaf[..., None], 0.0), atol=1e-5)
+
+
+def test_tied_leaves_give_exactly_zero():
+    # twelve leaves of 0.6 whose float32 means are one rounding step off: no residue may leak through
+    owner = torch.tensor([[0, 0, 0], [0, 1, 1], [0, 2, -1]]).expand(1, 4, 3, 3)
+    rewards = torch.full((1, 4, 3), 0.6)
+    for advantages in (tree.treerl_advantages, tree.tree_grpo_advantages):
+        assert torch.equal(advantages(owner, rewards), torch.zeros(1, 4, 3, 3))
+
+
+def test_a_tree_without_forks_is_the_parents_group():
+    """--rounds 0: M chains, each a tree with one leaf. TreeRL's advantage is then 2 (r - mean(r)) on
+    every token (the global and local terms coincide, L = 1): GRPO's z-score times 2 (std + eps), the
+    stated normalisation (TreeRL has no std). Tree-GRPO's is GRPO's exactly (a one-leaf tree has no
+    within-tree signal). The per-token surrogate then equals the parent's per-completion one."""
+    rewards = torch.tensor([[1.0, 0.2, 0.6, 0.0], [0.5, 0.5, 0.25, 1.0]])  # (P=2, G=4)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0]] * 2).float()  # (8, 4)
+    owner = torch.where(mask > 0, 0, -1).view(2, 4, 1, 4)  # (P, M=4, K=1, T)
+    chain = grpo.group_advantages(rewards)  # (P, G)
+    scale = 2 * (rewards.std(1, unbiased=False, keepdim=True) + 1e-4)
+    treerl = tree.treerl_advantages(owner, rewards.view(2, 4, 1)).view(8, 4)
+    assert torch.allclose(treerl, ((chain * scale).view(8, 1) * mask), atol=1e-6)
+    tree_grpo = tree.tree_grpo_advantages(owner, rewards.view(2, 4, 1)).view(8, 4)
+    assert torch.equal(tree_grpo, chain.view(8, 1) * mask)
+    torch.manual_seed(0)
+    old = torch.randn(8, 4)
+    logp = old + 0.3 * torch.randn(8, 4)  # ratios on both sides of the clip band
+    loss_tree, stats_tree = tree.policy_loss(logp, old, old, tree_grpo, mask, 0.2, 0.04)
+    loss_chain, stats_chain = grpo.policy_loss(logp, old, old, chain.view(-1), mask, 0.2, 0.04)
+    assert loss_tree.item() == pytest.approx(loss_chain.item(), rel=1e-6)
+    assert all(stats_tree[k].item() == pytest.approx(stats_chain[k].item()) for k in stats_chain)
+
+
+def test_per_token_clip_frac_counts_what_trl_and_verl_count():
+    # one row, four tokens, per-token advantages +1, -1, +1, -1 and ratios 1.5, 1.5, 0.5, 0.5: the clip
+    # removes the gradient of (1.5, +1) and (0.5, -1) only, so clip_frac = 2/4
+    old = torch.zeros(1, 4)
+    logp = torch.log(torch.tensor([[1.5, 1.5, 0.5, 0.5]])).requires_grad_()
+    adv = torch.tensor([[1.0, -1.0, 1.0, -1.0]])
+    loss, stats = tree.policy_loss(logp, old, old, adv, torch.ones(1, 4), clip_eps=0.2, beta=0.0)
+    # min(rho A, clip(rho) A) = 1.2, -1.5, 0.5, -0.8; token mean -> loss = -(1.2 - 1.5 + 0.5 - 0.8) / 4
+    assert loss.item() == pytest.approx(0.15) and stats["clip_frac"].item() == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The sampler's pieces.
+
+
+def test_pick_forks_ranks_own_tokens_by_surprisal():
+    # one tree, leaves as in tree 0 above. Leaf 1's tokens 0-1 belong to leaf 0 (never candidates
+    # twice); padding (leaf 2, t = 3) never, whatever its score.
+    owner = OWNER[0, :1]  # (Tr=1, K=3, T=4)
+    surprisal = torch.tensor([[[0.1, 0.9, 0.2, 0.3], [5.0, 5.0, 0.4, 0.8], [5.0, 5.0, 0.7, 9.0]]])
+    leaf, t = tree.pick_forks(surprisal, owner, 3)
+    assert list(zip(leaf[0].tolist(), t[0].tolist())) == [(0, 1), (1, 3), (2, 2)]  # 0.9, 0.8, 0.7
+    # a one-token root (immediate EOS) has one candidate: asked for two forks, it forks there twice
+    leaf, t = tree.pick_forks(torch.tensor([[[2.0, 0.0]]]), torch.tensor([[[0, -1]]]), 2)
+    assert leaf.tolist() == [[0, 0]] and t.tolist() == [[0, 0]]
+
+
+def test_repad_moves_tokens_and_keeps_their_order():
+    ids = torch.tensor([[7, 0, 8, 9, 0], [1, 2, 3, 4, 5]])
+    keep = torch.tensor([[1, 0, 1, 1, 0], [0, 1, 0, 1, 0]]).bool()
+    left, left_mask = tt.repad(ids, keep, pad_id=0, left=True)
+    assert left.tolist() == [[0, 0, 7, 8, 9], [0, 0, 0, 2, 4]] and left_mask.tolist() == [[0, 0, 1, 1, 1], [0, 0, 0, 1, 1]]
+    right, right_mask = tt.repad(ids, keep, pad_id=0, left=False)
+    assert right.tolist() == [[7, 8, 9, 0, 0], [2, 4, 0, 0, 0]] and right_mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]]
+
+
+def grown(monkeypatch=None, rounds=2, warmup=0, seed=0, prompts=6):
+    """Real trees from a tiny policy (random weights by default: long, varied completions, EOS anywhere).
+    With monkeypatch, every tt.sample call is recorded: (prompt_ids, prompt_mask, rollout)."""
+    torch.manual_seed(seed)
+    task = tt.make_task("reverse")
+    tok = tt.build_char_tokenizer(task.alphabet)
+    model = tt.build_tiny_model(tok)
+    if warmup:
+        tt.supervised_warmup(model, tok, task, warmup, seed)
+    calls = []
+    if monkeypatch is not None:
+        real = tt.sample
+
+        def spy(model, tok, ids, mask, *a, **kw):
+            r = real(model, tok, ids, mask, *a, **kw)
+            calls.append((ids, mask, r))
+            return r
+        monkeypatch.setattr(tt, "sample", spy)
+    args = SimpleNamespace(trees=3, forks=2, rounds=rounds, branches=2, max_new_tokens=10, temperature=1.0)
+    examples = task.test[:prompts]
+    ids, mask = tt.encode(tok, [ex.prompt for ex in examples], "cpu")
+    rollout, owner, stats = tree.grow_trees(model, tok, ids, mask, args)
+    return SimpleNamespace(tok=tok, model=model, examples=examples, ids=ids, mask=mask, rollout=rollout,
+                           owner=owner, stats=stats, calls=calls, args=args)
+
+
+def fork_points(owner):
+    """(tree, leaf, t) for every branch: t is the first position the leaf sampled itself."""
+    tr, k, _ = owner.shape
+    own = owner == torch.arange(k)[:, None]
+    return [(i, j, int(own[i, j].nonzero()[0])) for i in range(tr) for j in range(1, k)]
+
+
+def test_grown_trees_fork_only_before_eos_and_never_at_padding():
+    g = grown()
+    eos = g.tok.eos_token_id
+    rows = g.rollout.completion_ids.view(*g.owner.shape)
+    assert g.owner.shape[1] == 1 + 2 * 2 * 2  # K = 1 + L * N * T leaves per tree
+    for i, j, t in fork_points(g.owner):
+        assert eos not in rows[i, j, :t].tolist()  # the prefix never holds an EOS
+        # the forked position was a real token of a leaf with the same prefix: its sibling at the fork
+        same_prefix = (g.owner[i, :, :t] == g.owner[i, j, :t]).all(1) & (g.owner[i, :, t] >= 0)
+        assert (same_prefix & (g.owner[i, :, t] != j)).any()
+    # EOS is a candidate like any sampled token: owners (hence candidates) cover it
+    ends = g.rollout.completion_mask.sum(1).long() - 1  # (rows,) the last real token
+    last = g.rollout.completion_ids.gather(1, ends[:, None]).squeeze(1)
+    assert ((last == eos) <= (g.owner.flatten(0, 1).gather(1, ends[:, None]).squeeze(1) >= 0)).all()
+
+
+def test_leaf_rows_are_reassembled_correctly():
+    g = grown()
+    r, k = g.rollout, 3 * g.owner.shape[1]  # leaves per prompt
+    prompts = [ex.prompt for ex in g.examples for _ in range(k)]
+    ids, mask = tt.encode(g.tok, prompts, "cpu")
+    assert torch.equal(r.prompt_ids, ids) and torch.equal(r.prompt_mask, mask)  # left-padded as encoded
+    assert torch.equal(r.completion_mask, tt.completion_mask_from(r.completion_ids, g.tok.eos_token_id))
+    assert torch.equal((g.owner >= 0).flatten(0, 1).float(), r.completion_mask)  # owners cover the tokens
+    for row, m, text, trunc in zip(r.completion_ids, r.completion_mask, r.texts, r.truncated):
+        assert text == g.tok.decode(row[m.bool()], skip_special_tokens=True)
+        assert bool(trunc) == (g.tok.eos_token_id not in row[m.bool()].tolist())
+    # a branch is its prefix plus its continuation: its text starts with the shared prefix's text
+    rows = r.completion_ids.view(*g.owner.shape)
+    texts = [r.texts[i:i + g.owner.shape[1]] for i in range(0, len(r.texts), g.owner.shape[1])]
+    for i, j, t in fork_points(g.owner):
+        prefix = g.tok.decode(rows[i, j, :t], skip_special_tokens=True)
+        assert texts[i][j].startswith(prefix)
+        if t > 0:  # the leaf that sampled the prefix's last token holds the same prefix
+            assert torch.equal(rows[i, int(g.owner[i, j, t - 1]), :t], rows[i, j, :t])
+
+
+def test_continuations_start_from_left_padded_prompt_plus_prefix(monkeypatch):
+    g = grown(monkeypatch, rounds=1)
+    (_, _, roots), (ids, mask, cont) = g.calls  # one call for the roots, one for the branches
+    assert torch.equal(mask, mask.sort(1).values)  # all padding on the left
+    rows = g.rollout.completion_ids.view(*g.owner.shape)
+    for n, (i, j, t) in enumerate(fork_points(g.owner)):
+        expected = tt.encode(g.tok, [g.examples[i // 3].prompt], "cpu")[0][0].tolist() + rows[i, j, :t].tolist()
+        assert ids[n][mask[n].bool()].tolist() == expected
+        # and the leaf goes on with exactly what was sampled after it (cut to the budget)
+        kept = cont.completion_ids[n][cont.completion_mask[n].bool()].tolist()[:10 - t]
+        assert rows[i, j, t:t + len(kept)].tolist() == kept
+
+
+def test_duplicated_prefix_tokens_get_identical_old_logprobs():
+    g = grown(warmup=5)
+    with torch.no_grad():
+        logp, _ = tt.token_logprobs(g.model, g.rollout)  # one forward pass over every leaf row
+    logp, owner = logp.view(*g.owner.shape), g.owner
+    checked = 0
+    for i in range(owner.shape[0]):
+        for a in range(owner.shape[1]):
+            for b in range(a + 1, owner.shape[1]):
+                shared = (owner[i, a] == owner[i, b]) & (owner[i, a] >= 0)
+                assert torch.equal(logp[i, a][shared], logp[i, b][shared])
+                checked += int(shared.sum())
+    assert checked > 100
+
+
+def test_gen_tokens_counts_only_sampled_tokens(monkeypatch):
+    g = grown(monkeypatch)
+    sampled = sum(int(r.lengths.sum()) for _, _, r in g.calls)  # every token any sample() call drew
+    assert int(g.stats["gen_tokens"].sum()) == sampled
+    assert g.stats["gen_tokens"].shape == (len(g.examples) * 3,)  # per tree
+    assert sampled < int(g.rollout.lengths.sum())  # the rows repeat shared prefixes; those are free
+    assert 0 <= g.stats["fork_pos"] < 1 and 0 <= g.stats["branch_differs"] <= 1
+
+
+def test_matched_chains_stop_when_the_budget_is_reached():
+    # prompt 0: chains of 5, 5, 5 tokens and a budget of 8: the first two are drawn (5 < 8, 10 >= 8)
+    # prompt 1: budget 5: only the first (0 < 5, then 5 >= 5)
+    correct = torch.tensor([[False, True, True], [False, True, False]])
+    lengths = torch.full((2, 3), 5.0)
+    solved, drawn = tree_vs_chains.solved_with_matched_chains(correct, lengths, torch.tensor([8.0, 5.0]))
+    assert solved.tolist() == [True, False] and drawn.tolist() == [2, 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# The file as a user runs it.
+
+
+@pytest.mark.parametrize("extra", [[], ["--advantage", "tree_grpo"], ["--rounds", "2", "--forks", "2"]])
+def test_two_steps_end_to_end(run_fast, extra, tmp_path):
+    log = tmp_path / "log.jsonl"
+    p = run_fast("minimal_tree_grpo.py", *FAST, *extra, "--log_jsonl", log)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.strip().splitlines()
+    keys = [kv.split("=")[0] for kv in lines[1].split()]
+    assert keys == SHARED_KEYS + ["len_wrong", "leaves", "fork_pos", "branch_differs", "dead_groups"]
+    assert lines[-1].startswith("final test_acc=") and " time_s=" in lines[-1]
+    records = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [r["kind"] for r in records] == ["eval", "step", "step", "eval", "final"]
+    leaves = 4 * (1 + (2 * 2 * 2 if extra[:2] == ["--rounds", "2"] else 2))
+    assert records[1]["leaves"] == leaves and isinstance(records[1]["gen_tokens"], int)
+
+
+def test_same_seed_same_lines(run_fast):
+    args = ["--steps", 3, "--warmup_steps", 3, "--eval_every", 2, "--prompts_per_step", 4]
+    strip = lambda out: [ln.split(" time_s=")[0] for ln in out.splitlines()]  # wall time differs
+    a, b = run_fast("minimal_tree_grpo.py", *args), run_fast("minimal_tree_grpo.py", *args)
+    assert a.returncode == 0 and strip(a.stdout) == strip(b.stdout)
+    c = run_fast("minimal_tree_grpo.py", *args, "--seed", 1)
+    assert strip(c.stdout) != strip(a.stdout)
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["--trees", "0"], "--trees"), (["--forks", "0"], "--forks"), (["--branches", "0"], "--branches"),
+    (["--rounds", "-1"], "--rounds"), (["--trees", "1", "--rounds", "0"], "--trees"),
+    (["--advantage", "spo"], "--advantage"), (["--epochs", "0"], "--epochs"),
+])
+def test_bad_flags_fail_cleanly(run_fast, args, flag):
+    p = run_fast("minimal_tree_grpo.py", *args)
+    assert p.returncode == 2
+    err = p.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and flag in err[0], p.stderr
+    assert "Traceback" not in p.stderr and p.stdout == ""
+
+
+def test_tree_vs_chains_runs(run_fast):
+    p = run_fast("tree_vs_chains.py", "--seeds", 1, "--repeats", 1, "--pool", 16, "--warmup_steps", 2)
+    assert p.returncode == 0, p.stderr
+    first, last = p.stdout.strip().splitlines()
+    assert first.startswith("seed=0 tree=") and "chains_same_tokens=" in first and last.startswith("mean±std")

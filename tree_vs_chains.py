@@ -1,0 +1,81 @@
+"""Claim C1 of minimal_tree_grpo.py, the sampler alone: from one base model, no training, does a tree
+of rollouts (EPTree) find an exactly correct answer for more prompts than independent chains given
+the same generated tokens?
+
+    uv run tree_vs_chains.py --seeds 3            (flags: uv run tree_vs_chains.py --help)
+
+For each seed: warm up the base model exactly as minimal_tree_grpo.py does, then grow one tree per
+held-out prompt with minimal_tree_grpo.grow_trees (--trees, --forks, --rounds, --branches) and draw
+--pool independent chains per prompt. The chains are matched to the tree prompt by prompt: chains are
+taken in order until their tokens reach what the tree spent on that prompt, the last chain counted
+whole (which favours the chains). It prints, per seed and as mean +- std over seeds, the share of
+prompts with at least one exactly correct leaf (tree) or chain (chains, same tokens), and for
+reference chains at G = 8 and G = 12 (same tokens and same leaves as the default tree on average).
+"""
+import argparse
+import math
+
+import torch
+
+import minimal_tree_grpo as tree
+import toy_tasks as tt
+
+
+def solved_with_matched_chains(correct, lengths, budget):
+    """correct, lengths: (P, C) for C chains per prompt in sampling order; budget (P,) tokens. Per prompt:
+    did any chain solve it among the first ones whose tokens reach the budget (the last counted whole)?"""
+    spent_before = lengths.cumsum(1) - lengths  # (P, C) tokens spent before each chain
+    used = spent_before < budget[:, None]  # (P, C) a chain is drawn while the budget is not yet reached
+    return (correct & used).any(1), used.sum(1)
+
+
+def one_seed(args, seed):
+    run = tree.Args(seed=seed, binary=True, trees=args.trees, forks=args.forks, rounds=args.rounds,
+                    branches=args.branches, warmup_steps=args.warmup_steps, device="cpu")
+    task, model, tok, device, _, _ = tt.setup(run)
+    model.eval()
+    prompts = task.test * args.repeats
+    ids, mask = tt.encode(tok, [ex.prompt for ex in prompts], device)
+    rollout, owner, grown = tree.grow_trees(model, tok, ids, mask, run)
+    k = args.trees * owner.size(1)  # leaves per prompt
+    leaf_ok = task.rewards(rollout.texts, [ex for ex in prompts for _ in range(k)]).view(len(prompts), k) == 1
+    tree_tokens = grown["gen_tokens"].view(len(prompts), -1).sum(1)  # (P,) sampled for each prompt's trees
+    chains = tt.sample(model, tok, ids.repeat_interleave(args.pool, 0), mask.repeat_interleave(args.pool, 0),
+                       run.max_new_tokens, run.temperature)
+    chain_ok = task.rewards(chains.texts, [ex for ex in prompts for _ in range(args.pool)]).view(len(prompts), -1) == 1
+    lengths = chains.lengths.view(len(prompts), -1)
+    matched, drawn = solved_with_matched_chains(chain_ok, lengths, tree_tokens)
+    if (lengths.sum(1) < tree_tokens).any():
+        tt.fail(f"--pool {args.pool} chains ran out before the tree's tokens; raise --pool")
+    return {"tree": leaf_ok.any(1).float().mean().item(), "chains_same_tokens": matched.float().mean().item(),
+            "chains_G8": chain_ok[:, :8].any(1).float().mean().item(),
+            "chains_G12": chain_ok[:, :12].any(1).float().mean().item(),
+            "tree_tokens": tree_tokens.float().mean().item(), "tree_leaves": k,
+            "chains_drawn": drawn.float().mean().item(), "G8_tokens": lengths[:, :8].sum(1).float().mean().item()}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", type=int, default=3, help="base models (warm-up seeds 0, 1, ...)")
+    ap.add_argument("--repeats", type=int, default=4, help="trees grown per held-out prompt and seed")
+    ap.add_argument("--pool", type=int, default=24, help="independent chains drawn per prompt")
+    for name in ("trees", "forks", "rounds", "branches", "warmup_steps"):
+        ap.add_argument(f"--{name}", type=int, default=getattr(tree.Args, name), help=f"as in minimal_tree_grpo.py")
+    args = ap.parse_args(argv)
+    if min(args.seeds, args.repeats, args.pool - 11, args.trees, args.forks, args.branches) < 1 or args.rounds < 0:
+        tt.fail("--seeds, --repeats, --trees, --forks and --branches must be positive, --pool at least 12")
+    rows = []
+    for seed in range(args.seeds):
+        torch.manual_seed(seed)
+        rows.append(one_seed(args, seed))
+        print(f"seed={seed} " + " ".join(f"{k}={tt.fmt(v)}" for k, v in rows[-1].items()), flush=True)
+    stats = {}
+    for key in rows[0]:
+        values = [r[key] for r in rows]
+        mean = sum(values) / len(values)
+        stats[key] = (mean, math.sqrt(sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)))
+    print("mean±std " + " ".join(f"{k}={m:.4f}±{s:.4f}" for k, (m, s) in stats.items()))
+
+
+if __name__ == "__main__":
+    main()
