@@ -34,7 +34,7 @@ def one_seed(args, seed):
                     branches=args.branches, warmup_steps=args.warmup_steps, device="cpu")
     task, model, tok, device, _, _ = tt.setup(run)
     model.eval()
-    prompts = task.test * args.repeats
+    prompts = task.test[:args.prompts] * args.repeats
     ids, mask = tt.encode(tok, [ex.prompt for ex in prompts], device)
     rollout, owner, grown = tree.grow_trees(model, tok, ids, mask, run)
     k = args.trees * owner.size(1)  # leaves per prompt
@@ -59,11 +59,14 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, default=3, help="base models (warm-up seeds 0, 1, ...)")
     ap.add_argument("--repeats", type=int, default=4, help="trees grown per held-out prompt and seed")
     ap.add_argument("--pool", type=int, default=24, help="independent chains drawn per prompt")
+    ap.add_argument("--prompts", type=int, default=256, help="held-out prompts used (the first ones)")
     for name in ("trees", "forks", "rounds", "branches", "warmup_steps"):
         ap.add_argument(f"--{name}", type=int, default=getattr(tree.Args, name), help=f"as in minimal_tree_grpo.py")
     args = ap.parse_args(argv)
-    if min(args.seeds, args.repeats, args.pool - 11, args.trees, args.forks, args.branches) < 1 or args.rounds < 0:
-        tt.fail("--seeds, --repeats, --trees, --forks and --branches must be positive, --pool at least 12")
+    if min(args.seeds, args.repeats, args.prompts, args.pool - 11, args.trees, args.forks, args.branches) < 1:
+        tt.fail("--seeds, --repeats, --prompts, --trees, --forks and --branches must be positive, --pool at least 12")
+    if args.rounds < 0:
+        tt.fail(f"--rounds must not be negative, got {args.rounds}")
     rows = []
     for seed in range(args.seeds):
         torch.manual_seed(seed)

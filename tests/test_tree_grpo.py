@@ -304,7 +304,7 @@ def test_bad_flags_fail_cleanly(run_fast, args, flag):
 
 
 def test_tree_vs_chains_runs(run_fast):
-    p = run_fast("tree_vs_chains.py", "--seeds", 1, "--repeats", 1, "--pool", 16, "--warmup_steps", 2)
+    p = run_fast("tree_vs_chains.py", "--seeds", 1, "--repeats", 1, "--prompts", 16, "--warmup_steps", 2)
     assert p.returncode == 0, p.stderr
     first, last = p.stdout.strip().splitlines()
     assert first.startswith("seed=0 tree=") and "chains_same_tokens=" in first and last.startswith("mean±std")
