@@ -47,7 +47,8 @@ def one_seed(args, seed):
     matched, drawn = solved_with_matched_chains(chain_ok, lengths, tree_tokens)
     if (lengths.sum(1) < tree_tokens).any():
         tt.fail(f"--pool {args.pool} chains ran out before the tree's tokens; raise --pool")
-    return {"tree": leaf_ok.any(1).float().mean().item(), "chains_same_tokens": matched.float().mean().item(),
+    tree_solved, chains_solved = leaf_ok.any(1).float().mean().item(), matched.float().mean().item()
+    return {"tree": tree_solved, "chains_same_tokens": chains_solved, "tree_minus_chains": tree_solved - chains_solved,
             "chains_G8": chain_ok[:, :8].any(1).float().mean().item(),
             "chains_G12": chain_ok[:, :12].any(1).float().mean().item(),
             "tree_tokens": tree_tokens.float().mean().item(), "tree_leaves": k,
