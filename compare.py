@@ -2,16 +2,22 @@
 and one table.
 
     uv run compare.py --methods grpo,tpo --seeds 3
+    uv run compare.py --preset tokrev            # the published token-reversal table (README)
+    uv run compare.py --own_defaults --seeds 3   # every file with its own defaults: the spread to expect
 
 Every `minimal_NAME.py` at the top level is a method called NAME: a new file joins without any
 change here. Each method x seed runs as its own process, exactly as a user would run the file,
 with --log_jsonl; runs go two at a time (one thread each) so both CPU cores are busy. The shared
 budget (steps, prompts per step, group size, inner epochs) is passed to every method that has the
-flag; what a method cannot share is printed before anything runs.
+flag; what a method cannot share is printed before anything runs. --extra passes more flags to every
+run, --per_method to one method only. A preset is a named set of these defaults.
 
-Into --out it writes NAME_seedS.jsonl per run, compare.png (held-out accuracy, entropy and clip
-fraction against step: mean +- standard error across seeds) and compare.md (final test accuracy
-mean +- std, the first step at which entropy falls to 0.1 or below, wall time per run).
+Into --out it writes NAME_seedS.jsonl per run, compare.png (held-out test_acc, sampling entropy and
+clip fraction against step, or against generated tokens with --x gen_tokens: mean +- standard error
+across seeds) and compare.md (final test_acc, or test error with --error, mean +- std; the first step
+at which the sampling entropy, and the first evaluation at which the held-out entropy, falls to 0.1 or
+below; wall time per run). A file whose test_acc is not greedy per-character accuracy says so in a
+module constant TEST_METRIC, and the table then names each row's metric.
 """
 import argparse
 import dataclasses
@@ -219,6 +225,8 @@ def main(argv=None):
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (one CPU thread each)")
     ap.add_argument("--out", default="runs/compare", help="folder for the logs, figure and table")
     ap.add_argument("--extra", default="", help="more flags passed to every run, e.g. '--warmup_steps 2 --eval_every 1'")
+    ap.add_argument("--own_defaults", action="store_true",
+                    help="run every method with its own default budget instead of the shared one above")
     ap.add_argument("--error", action="store_true", help="report the final test error, 1 - test_acc")
     ap.add_argument("--per_method", default="", help="flags for one method only, e.g. 'grpo: --beta 0; tpo: --eta 2'")
     ap.add_argument("--x", default="step", choices=["step", "gen_tokens"],
@@ -244,9 +252,9 @@ def main(argv=None):
     budgets = {}
     for name in chosen:
         flags = method_flags(methods[name])
-        budgets[name] = {k: getattr(args, k) for k in SHARED if k in flags}
+        budgets[name] = {} if args.own_defaults else {k: getattr(args, k) for k in SHARED if k in flags}
         missing = [k for k in SHARED if k not in flags]
-        if missing:
+        if missing and not args.own_defaults:
             print(f"{name}: cannot share --{', --'.join(missing)} (the method has no such setting)")
     jobs = [(name, seed) for name in chosen for seed in range(args.seeds)]
     print(f"{len(jobs)} runs ({len(chosen)} methods x {args.seeds} seeds), {args.jobs} at a time, into {out}/", flush=True)
