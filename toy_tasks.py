@@ -144,8 +144,8 @@ class AddTask(Task):
     """Add a number below 100 and a digit: "37+5=" -> "42". Exact-match reward only: the sparse-reward
     counterpart. Calibrated so that RL has something to sharpen: the tiny model learns addition slowly
     and with a sudden jump, so two two-digit numbers after 40 warm-up steps gave an exact-match base of
-    0.01 (every group flat, nothing to learn), while this task after its 150 warm-up steps gives about
-    0.3 (README: Tasks)."""
+    0.01 (nearly every group flat, nothing to learn; still 0.09-0.11 after 400 steps), while this task
+    after its own 150 warm-up steps starts at exact 0.39, 0.39 and 0.13 on seeds 0, 1 and 2."""
     name = "add"
     alphabet = "0123456789+=|"
     warmup_steps = 150
