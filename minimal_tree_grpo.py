@@ -107,7 +107,7 @@ def leaf_rollout(prompt_ids, prompt_mask, tokens, tok, temperature):
     mask = tt.completion_mask_from(ids, tok.eos_token_id)
     width = int(mask.sum(1).max())
     ids, mask, truncated = ids[:, :width], mask[:, :width], ~(ids == tok.eos_token_id).any(1)
-    texts = [tok.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(ids, mask)]
+    texts = [tok.decode(row[m.bool() & (row != tok.eos_token_id)]) for row, m in zip(ids, mask)]  # tt.sample's
     return tt.Rollout(prompt_ids.repeat_interleave(k, 0), prompt_mask.repeat_interleave(k, 0), ids, mask,
                       truncated, texts, temperature)
 
@@ -215,7 +215,8 @@ def tree_grpo_advantages(owner, rewards):
     """Tree-GRPO: the leaf's z-score within its tree plus its z-score over all leaves of the prompt,
     on every token of its root-to-leaf path: (P, M, K, T)."""
     p, m, k = rewards.shape
-    leaf = group_advantages(rewards.view(p * m, k)).view(p, m, k) + group_advantages(rewards.view(p, m * k)).view(p, m, k)
+    within_tree, within_prompt = group_advantages(rewards.view(p * m, k)), group_advantages(rewards.view(p, m * k))
+    leaf = within_tree.view(p, m, k) + within_prompt.view(p, m, k)
     return torch.where(owner >= 0, leaf[..., None], 0.0)
 
 
@@ -289,8 +290,8 @@ def main():
     task, model, tok, device, logger, rng = tt.setup(args)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # the frozen base, for the KL term
-    base_acc, exact = tt.evaluate(model, tok, task, device, args.max_new_tokens)
-    logger.eval(0, base_acc, exact)
+    base_acc, exact, test_entropy = tt.evaluate(model, tok, task, device, args.max_new_tokens)
+    logger.eval(0, base_acc, exact, entropy=test_entropy)
 
     for step in range(1, args.steps + 1):
         examples = task.sample(rng, args.prompts_per_step)
@@ -313,8 +314,8 @@ def main():
                     fork_pos=grown["fork_pos"], branch_differs=grown["branch_differs"],
                     dead_groups=(rewards.amax((1, 2)) == rewards.amin((1, 2))).float().mean())
         if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
-            test_acc, exact = tt.evaluate(model, tok, task, device, args.max_new_tokens)
-            logger.eval(step, test_acc, exact)
+            test_acc, exact, test_entropy = tt.evaluate(model, tok, task, device, args.max_new_tokens)
+            logger.eval(step, test_acc, exact, entropy=test_entropy)
     logger.final(test_acc, exact, base_acc)
 
 
