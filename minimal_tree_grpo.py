@@ -63,8 +63,8 @@ class Args:
     """seed for weights, prompts and sampling: the same seed prints the same lines on CPU"""
     steps: int = 100
     """RL steps; each samples a fresh batch of prompts"""
-    prompts_per_step: int = 32
-    """prompts per step"""
+    prompts_per_step: int = 20
+    """prompts per step (20, not GRPO's 32: each prompt trains 12 leaf rows, not 8)"""
     trees: int = 4
     """M: root chains sampled per prompt, each the root of its own tree"""
     forks: int = 1
