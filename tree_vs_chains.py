@@ -9,8 +9,10 @@ held-out prompt with minimal_tree_grpo.grow_trees (--trees, --forks, --rounds, -
 --pool independent chains per prompt. The chains are matched to the tree prompt by prompt: chains are
 taken in order until their tokens reach what the tree spent on that prompt, the last chain counted
 whole (which favours the chains). It prints, per seed and as mean +- std over seeds, the share of
-prompts with at least one exactly correct leaf (tree) or chain (chains, same tokens), and for
-reference chains at G = 8 and G = 12 (same tokens and same leaves as the default tree on average).
+prompts with at least one exactly correct leaf (tree) or chain (chains_same_tokens), their paired
+difference, chains at G = 8 and G = 12 for reference (about the tree's tokens, and its 12 leaves), the
+tokens spent, and the mechanism: the share of wrong root chains whose first fork sits exactly on their
+first wrong character (fork_at_first_error), against a fork at a uniformly random token (at_random).
 """
 import argparse
 import math
@@ -27,6 +29,12 @@ def solved_with_matched_chains(correct, lengths, budget):
     spent_before = lengths.cumsum(1) - lengths  # (P, C) tokens spent before each chain
     used = spent_before < budget[:, None]  # (P, C) a chain is drawn while the budget is not yet reached
     return (correct & used).any(1), used.sum(1)
+
+
+def first_error(text, answer):
+    """The first character position where a completion goes wrong: a wrong character, the EOS of a
+    completion that stops early, or the first extra character of one that runs on."""
+    return next((i for i, (a, b) in enumerate(zip(text, answer)) if a != b), min(len(text), len(answer)))
 
 
 def one_seed(args, seed):
@@ -48,11 +56,21 @@ def one_seed(args, seed):
     if (lengths.sum(1) < tree_tokens).any():
         tt.fail(f"--pool {args.pool} chains ran out before the tree's tokens; raise --pool")
     tree_solved, chains_solved = leaf_ok.any(1).float().mean().item(), matched.float().mean().item()
+    # the mechanism: how often the first fork of a wrong root chain sits on its first wrong character,
+    # against a fork at a uniformly random token of it
+    fork = (owner[:, 1] == 1).float().argmax(1)  # (Tr,) where leaf 1 of each tree starts sampling
+    hits, chance = [], []
+    for i, ex in enumerate(ex for ex in prompts for _ in range(args.trees)):
+        text, length = rollout.texts[i * owner.size(1)], rollout.lengths[i * owner.size(1)]
+        if text != ex.answer:
+            hits.append(int(fork[i]) == first_error(text, ex.answer))
+            chance.append(1 / float(length))
     return {"tree": tree_solved, "chains_same_tokens": chains_solved, "tree_minus_chains": tree_solved - chains_solved,
             "chains_G8": chain_ok[:, :8].any(1).float().mean().item(),
             "chains_G12": chain_ok[:, :12].any(1).float().mean().item(),
             "tree_tokens": tree_tokens.float().mean().item(), "tree_leaves": k,
-            "chains_drawn": drawn.float().mean().item(), "G8_tokens": lengths[:, :8].sum(1).float().mean().item()}
+            "chains_drawn": drawn.float().mean().item(), "G8_tokens": lengths[:, :8].sum(1).float().mean().item(),
+            "fork_at_first_error": sum(hits) / len(hits), "at_random": sum(chance) / len(chance)}
 
 
 def main(argv=None):
@@ -66,8 +84,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if min(args.seeds, args.repeats, args.prompts, args.pool - 11, args.trees, args.forks, args.branches) < 1:
         tt.fail("--seeds, --repeats, --prompts, --trees, --forks and --branches must be positive, --pool at least 12")
-    if args.rounds < 0:
-        tt.fail(f"--rounds must not be negative, got {args.rounds}")
+    if args.rounds < 1:
+        tt.fail(f"--rounds must be at least 1 (a tree with no forks is a group of chains), got {args.rounds}")
     rows = []
     for seed in range(args.seeds):
         torch.manual_seed(seed)

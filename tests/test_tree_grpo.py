@@ -255,6 +255,12 @@ def test_gen_tokens_counts_only_sampled_tokens(monkeypatch):
     assert 0 <= g.stats["fork_pos"] < 1 and 0 <= g.stats["branch_differs"] <= 1
 
 
+def test_first_error():
+    assert tree_vs_chains.first_error("dcxa", "dcba") == 2  # a wrong character
+    assert tree_vs_chains.first_error("dc", "dcba") == 2  # stopped early: the EOS at position 2
+    assert tree_vs_chains.first_error("dcbaa", "dcba") == 4  # ran on: the extra character
+
+
 def test_matched_chains_stop_when_the_budget_is_reached():
     # prompt 0: chains of 5, 5, 5 tokens and a budget of 8: the first two are drawn (5 < 8, 10 >= 8)
     # prompt 1: budget 5: only the first (0 < 5, then 5 >= 5)
