@@ -1,44 +1,37 @@
 """Tree GRPO: a tree of rollouts per prompt instead of a group of chains, with TreeRL's segment advantage.
 
 Papers: Hou et al. 2025, "TreeRL: LLM Reinforcement Learning with On-Policy Tree Search", arXiv 2506.11902
-(reference code THUDM/TreeRL: EPTree in entropy_chain_local_manager.py, tree_node.py, and a verl port);
-Ji et al. 2025, "Tree Search for LLM Agent Reinforcement Learning" (Tree-GRPO), arXiv 2509.21240.
-Parent: minimal_grpo.py.
-The change: per prompt, grow a tree (EPTree): M root chains; L times, in each tree the N sampled tokens
-of highest surprisal -log p(y_t) become forks, and T continuations are sampled from the prefix y[:t]
-(the forked token itself is re-sampled). Leaves are whole completions, scored by the task; each token
-gets the advantage of its segment s (a run of tokens shared by the same leaves):
+(code THUDM/TreeRL: EPTree in entropy_chain_local_manager.py, tree_node.py; a verl port); Ji et al. 2025,
+"Tree Search for LLM Agent Reinforcement Learning" (Tree-GRPO), arXiv 2509.21240. Parent: minimal_grpo.py.
+The change: per prompt, M root chains; L times, the N sampled tokens of highest surprisal -log p(y_t) in
+each tree become forks, and T continuations are sampled from the prefix y[:t] (the forked token itself is
+re-sampled). Leaves are whole completions, scored by the task; each token gets its segment's advantage
+(a segment s: a run of tokens shared by the same L(s) leaves):
 
-    V(s) = mean reward of the L(s) leaves below s;   V(root) = mean over all leaves of the prompt
+    V(s) = mean reward of the leaves below s;   V(root) = mean over all leaves of the prompt
     A(s) = [(V(s) - V(root)) + (V(s) - V(parent(s)))] / sqrt(L(s))        (global + local term, no std)
 
-and GRPO's clipped surrogate, k3 KL, inner epochs and per-sequence token mean use A per token. As in
-TreeRL, the rows are root-to-leaf paths: a prefix shared by L(s) leaves is trained in each of their
-rows with the same A(s), a total weight L(s) A(s) = sqrt(L(s)) [...]: that is what the sqrt is for.
-pi_old comes from one forward pass over all rows, so a duplicated token has one pi_old. --advantage
+in GRPO's clipped surrogate, k3 KL, inner epochs and per-sequence token mean. The rows are root-to-leaf
+paths, as in TreeRL: a prefix is trained in each of its L(s) leaves' rows, a total weight L(s) A(s) =
+sqrt(L(s)) [...], which is what the sqrt is for; one forward pass gives every row's pi_old. --advantage
 tree_grpo: Tree-GRPO's leaf reward z-scored within its tree plus within the prompt, on every token of
-the path (from the paper's summary; its code was not available).
+its path (from the paper; its code was not available).
 
-The toy in arithmetic: a completion is ~6 tokens with EOS, so GRPO's G = 8 samples ~48 per prompt; the
-default (M, N, L, T) = (4, 1, 1, 2) samples 4 chains (~24 tokens) and 2 continuations from one fork per
-chain, about halfway along (~3 tokens each, ~24): ~48 tokens for 12 leaves (measured: GEN). The least
-likely token of a nearly right answer is often its mistake: re-rolling it re-rolls the mistake, and
-the local term V(s) - V(parent) credits the new suffix, not the shared prefix.
+The toy in arithmetic: GRPO's G = 8 chains of ~6 tokens (EOS included) sample ~48 tokens per prompt;
+(M, N, L, T) = (4, 1, 1, 2) samples 4 chains (~24) and 2 continuations from a fork about halfway along
+each (~3 tokens each, ~24): 12 leaves for ~48 tokens (measured: 49-53 per prompt and step, GRPO 47).
+Re-rolling a nearly right answer's least likely token often re-rolls its mistake.
 
-Choices and departures, each deliberate:
-- Candidates: the tokens each tree sampled itself, EOS included (re-rolling it explores length), ranked
-  by the sampled token's surprisal as TreeRL's code does, not the entropy; the toy has no "answer" marker.
-- The advantage is the verl port's (raw rewards, V(root) over all leaves), not the older code's
-  leave-one-out centring, without fill_in_paths (a segment with a local term of exactly 0 borrows its
-  parent's). A prompt whose leaves all tie gets exactly 0.
-- With --rounds above 1, a fork at a branch's first token adds siblings (TreeRL puts an empty segment
-  between); a tree with fewer than N candidates forks its best one again.
+Choices and departures:
+- Fork candidates: every token a tree sampled, EOS included (re-rolling it explores length), ranked by
+  surprisal as TreeRL's code does, not by entropy; the toy has no answer marker to mask after.
+- The verl port's advantage (raw rewards), not the older leave-one-out centring, without fill_in_paths (a
+  zero local term borrows the parent's); --rounds > 1: a fork at a branch's first token makes siblings.
 - Leaves are cut at --max_new_tokens, prefix included; tokens sampled past that still count (~3%).
-- 20 prompts per step, not 32: 20 x 12 leaves train as 240 rows, GRPO's 32 x 8 as 256 (CPU TIME).
-- TreeRL's training (M, N, L, T) were not in the code read; the default matches GRPO's tokens.
+- 20 prompts per step, not 32: 240 leaf rows train in about the time of GRPO's 256 (CPU TIME). TreeRL's
+  training (M, N, L, T) were not in the code read.
 
 Run: uv run minimal_tree_grpo.py          (flags: uv run minimal_tree_grpo.py --help)
-The sampler alone, no training (claim C1): uv run tree_vs_chains.py --seeds 3
 """
 import copy
 from dataclasses import dataclass
@@ -100,22 +93,9 @@ class Args:
 # ALGO LOGIC: everything that makes this method this method.
 
 
-def leaf_rollout(prompt_ids, prompt_mask, tokens, tok, temperature):
-    """Every leaf as one row (its tree's prompt, its whole completion), tree-major: prompts (Tr, P),
-    tokens (Tr, K, W) -> a Rollout of Tr * K rows, the completion mask rebuilt from the first EOS."""
-    k, ids = tokens.size(1), tokens.flatten(0, 1)  # (Tr * K, W)
-    mask = tt.completion_mask_from(ids, tok.eos_token_id)
-    width = int(mask.sum(1).max())
-    ids, mask, truncated = ids[:, :width], mask[:, :width], ~(ids == tok.eos_token_id).any(1)
-    texts = [tok.decode(row[m.bool() & (row != tok.eos_token_id)]) for row, m in zip(ids, mask)]  # tt.sample's
-    return tt.Rollout(prompt_ids.repeat_interleave(k, 0), prompt_mask.repeat_interleave(k, 0), ids, mask,
-                      truncated, texts, temperature)
-
-
 def pick_forks(surprisal, owner, n):
-    """TreeRL's fork points: per tree, the n tokens of highest surprisal among those its leaves sampled
-    themselves (a shared prefix token is one candidate), EOS included, padding never; with fewer than n
-    candidates, the best again. surprisal, owner (Tr, K, W) -> leaf and position, (Tr, n) each."""
+    """TreeRL's forks: per tree, the n tokens of highest surprisal its leaves sampled themselves, EOS included,
+    padding never (fewer than n: the best again). surprisal, owner (Tr, K, W) -> leaf, position (Tr, n)."""
     k, w = owner.shape[1:]
     own = owner == torch.arange(k, device=owner.device)[:, None]  # (Tr, K, W); False on padding (-1)
     score, top = surprisal.masked_fill(~own, -torch.inf).flatten(1).topk(n, dim=1)  # (Tr, n)
@@ -124,9 +104,8 @@ def pick_forks(surprisal, owner, n):
 
 
 def branch(model, tok, ids, mask, tokens, owner, leaf, t, args):
-    """T continuations from each fork (Tr, N), sampled after prompt + y[:t] of the forked leaf (t is at
-    most its EOS position: no prefix holds an EOS) and joined back into whole completions y[:t] + new,
-    cut to the budget. Returns the new leaves and owners (Tr, N * T, W), the continuations, stats."""
+    """T continuations from each fork (Tr, N) after prompt + y[:t] (t <= EOS: no prefix holds one), joined
+    into y[:t] + new, cut to the budget: new leaves and owners (Tr, N * T, W), the continuations, stats."""
     tr, k, width = tokens.shape
     rows = torch.arange(tr, device=ids.device)[:, None]
     n_new = args.forks * args.branches  # every fork point gets T continuations: (Tr, N) -> (Tr * N * T,)
@@ -149,11 +128,14 @@ def branch(model, tok, ids, mask, tokens, owner, leaf, t, args):
 
 
 def grow_trees(model, tok, prompt_ids, prompt_mask, args):
-    """EPTree: M root chains per prompt, then L rounds of N forks per tree with T continuations each.
-    Returns the leaves (a Rollout, Tr = P * M trees of K leaves), owner (Tr, K, T): which leaf of its
-    tree sampled each token (-1: padding), and stats; gen_tokens (Tr,) counts every sampled token."""
+    """EPTree: M root chains per prompt, L rounds of N forks per tree, T continuations each -> the leaves (a
+    Rollout of Tr = P * M trees of K), owner (Tr, K, T): which leaf of the tree sampled each token (-1:
+    padding), gen_tokens (Tr,): every token sampled, and stats."""
     pad = torch.nn.functional.pad
     ids, mask = prompt_ids.repeat_interleave(args.trees, 0), prompt_mask.repeat_interleave(args.trees, 0)
+    leaf_rows = lambda tokens: tt.rollout_from(ids.repeat_interleave(tokens.size(1), 0),  # tree-major
+                                               mask.repeat_interleave(tokens.size(1), 0), tokens.flatten(0, 1),
+                                               tok, args.temperature)  # (Tr, K, W) -> Tr * K rows
     roots = tt.sample(model, tok, ids, mask, args.max_new_tokens, args.temperature)
     grow = args.max_new_tokens - roots.completion_ids.size(1)  # trees are kept at the full budget width
     tokens = pad(roots.completion_ids, (0, grow), value=tok.pad_token_id)[:, None]  # (Tr, 1, W)
@@ -161,29 +143,27 @@ def grow_trees(model, tok, prompt_ids, prompt_mask, args):
     gen_tokens, forks = roots.lengths, []  # (Tr,)
     for _ in range(args.rounds):
         with torch.no_grad():
-            logp, _ = tt.token_logprobs(model, leaf_rollout(ids, mask, tokens, tok, args.temperature))
+            logp, _ = tt.token_logprobs(model, leaf_rows(tokens))
         surprisal = -pad(logp, (0, tokens.size(2) - logp.size(1))).view(tokens.shape)  # (Tr, K, W)
         leaf, t = pick_forks(surprisal, owner, args.forks)  # (Tr, N) each
         new, new_owner, cont, stats = branch(model, tok, ids, mask, tokens, owner, leaf, t, args)
         tokens, owner = torch.cat([tokens, new], 1), torch.cat([owner, new_owner], 1)
         gen_tokens = gen_tokens + cont.lengths.view(len(ids), -1).sum(1)  # (Tr,) prefixes are free
         forks.append(stats)
-    rollout = leaf_rollout(ids, mask, tokens, tok, args.temperature)
+    rollout = leaf_rows(tokens)
     mean = lambda key: torch.cat([f[key].float().view(-1) for f in forks]).mean() if forks else torch.tensor(0.0)
-    stats = {"gen_tokens": gen_tokens, "fork_pos": mean("fork_pos"), "branch_differs": mean("differs")}
-    return rollout, owner[..., :rollout.completion_ids.size(1)], stats
+    stats = {"fork_pos": mean("fork_pos"), "branch_differs": mean("differs")}
+    return rollout, owner[..., :rollout.completion_ids.size(1)], gen_tokens, stats
 
 
 def tree_values(owner, rewards):
-    """Per token (P, M, K, T): V(s) and L(s) of its segment s, and V(parent(s)); and V(root) (P,). Two
-    leaves share a token when the same leaf sampled it; a segment ends where that set of leaves
-    shrinks, at a fork. owner (P, M, K, T), rewards (P, M, K)."""
+    """owner (P, M, K, T), rewards (P, M, K) -> per token V(s), V(parent(s)), L(s) (P, M, K, T), V(root) (P,).
+    Leaves share a token when the same leaf sampled it; a segment ends where that set shrinks, at a fork."""
     shared = (owner[:, :, :, None] == owner[:, :, None]) & (owner[:, :, :, None] >= 0)  # (P, M, K, K, T)
     below = shared.sum(3)  # (P, M, K, T) L(s)
     value = (shared * rewards[:, :, None, :, None]).sum(3) / below.clamp(min=1)  # (P, M, K, T) V(s)
     root = rewards.mean((1, 2))  # (P,) V(root): a virtual root above the M trees
-    # the first segment's parent: the virtual root, unless the tree forked at its very first token;
-    # then an empty segment holding all the tree's leaves sits in between
+    # the first segment's parent: the virtual root, or after a fork at t = 0 an empty segment of the tree
     parent = torch.where(below[..., 0] < owner.size(2), rewards.mean(2, keepdim=True), root[:, None, None])
     parents = [parent]
     for t in range(1, owner.size(3)):  # within a segment the parent stays; at a fork it is the last segment
@@ -235,8 +215,7 @@ def aggregate(per_token, mask):
 
 
 def policy_loss(logp, old_logp, ref_logp, adv, mask, clip_eps, beta):
-    """Clipped surrogate minus k3 KL, and its diagnostics. logp, old_logp, ref_logp, adv, mask: (N, T):
-    the advantage is now per token, one row per root-to-leaf path."""
+    """Clipped surrogate minus k3 KL, and its diagnostics. logp, old_logp, ref_logp, adv, mask: (N, T)."""
     ratio = torch.exp(logp - old_logp)  # (N, T); 1 in the first inner epoch
     surrogate = torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
     kl = kl_k3(logp, ref_logp)  # (N, T) k3 to the frozen base model, inside the per-token sum
@@ -296,11 +275,10 @@ def main():
     for step in range(1, args.steps + 1):
         examples = task.sample(rng, args.prompts_per_step)
         prompt_ids, prompt_mask = tt.encode(tok, [ex.prompt for ex in examples], device)
-        rollout, owner, grown = grow_trees(model, tok, prompt_ids, prompt_mask, args)
-        k = owner.size(1)  # leaves per tree; every tree has the same number
+        rollout, owner, gen_tokens, grown = grow_trees(model, tok, prompt_ids, prompt_mask, args)
+        owner, k = owner.view(len(examples), args.trees, *owner.shape[1:]), owner.size(1)  # (P, M, K, T)
         rewards = task.rewards(rollout.texts, [ex for ex in examples for _ in range(args.trees * k)])
-        rewards = rewards.to(device).view(-1, args.trees, k)  # (P, M, K)
-        owner = owner.view(-1, args.trees, k, owner.size(-1))  # (P, M, K, T)
+        rewards = rewards.to(device).view(owner.shape[:3])  # (P, M, K); K leaves in every tree
         adv = ADVANTAGES[args.advantage](owner, rewards).flatten(0, 2)  # (N, T) one advantage per token
         with torch.no_grad():
             old_logp, _ = tt.token_logprobs(model, rollout)  # (N, T) pi_old, frozen for every epoch
@@ -309,9 +287,8 @@ def main():
             loss, stats, entropy = update(model, optimizer, rollout, adv, old_logp, ref_logp, step, args)
         grad_norm = stats.pop("grad_norm")
         logger.step(step, reward=rewards.mean(), loss=loss, entropy=entropy, **stats,
-                    grad_norm=grad_norm, len=rollout.lengths.mean(), gen_tokens=int(grown["gen_tokens"].sum()),
-                    len_wrong=tt.mean_length_wrong(rollout, rewards), leaves=args.trees * k,
-                    fork_pos=grown["fork_pos"], branch_differs=grown["branch_differs"],
+                    grad_norm=grad_norm, len=rollout.lengths.mean(), gen_tokens=int(gen_tokens.sum()),
+                    len_wrong=tt.mean_length_wrong(rollout, rewards), leaves=args.trees * k, **grown,
                     dead_groups=(rewards.amax((1, 2)) == rewards.amin((1, 2))).float().mean())
         if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
             test_acc, exact, test_entropy = tt.evaluate(model, tok, task, device, args.max_new_tokens)

@@ -377,8 +377,15 @@ def sample(model, tok, prompt_ids, prompt_mask, max_new_tokens, temperature=1.0,
         out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos,
                     past_key_values=out.past_key_values, use_cache=True)
         next_pos = next_pos + 1
-    completion = torch.stack(tokens, 1)  # (N, T)
+    return rollout_from(prompt_ids, prompt_mask, torch.stack(tokens, 1), tok, temperature)
+
+
+def rollout_from(prompt_ids, prompt_mask, completion, tok, temperature):
+    """A Rollout from sampled completion tokens (N, T): the mask up to the first EOS, columns of padding
+    only dropped, the texts decoded. Tree rollouts use it for completions joined from several samples."""
     cmask = completion_mask_from(completion, tok.eos_token_id)
+    width = int(cmask.sum(1).max())
+    completion, cmask = completion[:, :width], cmask[:, :width]
     truncated = ~(completion == tok.eos_token_id).any(1)
     # the text is every sampled token but the EOS: a stray special token (pad, bos, unk) stays in it as
     # a wrong character, rather than vanishing and letting "dc<pad>ba" pass for "dcba"

@@ -1,4 +1,4 @@
-"""Tests of minimal_tree_grpo.py and tree_vs_chains.py: tree values and both advantages on a hand-built
+"""Tests of minimal_tree_grpo.py: tree values and both advantages on a hand-built
 tree, the limit where a tree is a group of chains, the sampler's forks, prefixes, re-assembled rows,
 old log-probs and token count on real trees, and the file as a user runs it."""
 import json
@@ -15,7 +15,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the minimal_*.py
 import minimal_grpo as grpo  # noqa: E402
 import minimal_tree_grpo as tree  # noqa: E402
 import toy_tasks as tt  # noqa: E402
-import tree_vs_chains  # noqa: E402
 
 FAST = ["--steps", 2, "--warmup_steps", 2, "--eval_every", 0, "--prompts_per_step", 4]
 SHARED_KEYS = ["step", "reward", "loss", "entropy", "ratio", "clip_frac", "kl", "grad_norm", "len",
@@ -169,9 +168,9 @@ def grown(monkeypatch=None, rounds=2, warmup=0, seed=0, prompts=6):
     args = SimpleNamespace(trees=3, forks=2, rounds=rounds, branches=2, max_new_tokens=10, temperature=1.0)
     examples = task.test[:prompts]
     ids, mask = tt.encode(tok, [ex.prompt for ex in examples], "cpu")
-    rollout, owner, stats = tree.grow_trees(model, tok, ids, mask, args)
+    rollout, owner, gen_tokens, stats = tree.grow_trees(model, tok, ids, mask, args)
     return SimpleNamespace(tok=tok, model=model, examples=examples, ids=ids, mask=mask, rollout=rollout,
-                           owner=owner, stats=stats, calls=calls, args=args)
+                           owner=owner, gen_tokens=gen_tokens, stats=stats, calls=calls, args=args)
 
 
 def fork_points(owner):
@@ -249,25 +248,10 @@ def test_duplicated_prefix_tokens_get_identical_old_logprobs():
 def test_gen_tokens_counts_only_sampled_tokens(monkeypatch):
     g = grown(monkeypatch)
     sampled = sum(int(r.lengths.sum()) for _, _, r in g.calls)  # every token any sample() call drew
-    assert int(g.stats["gen_tokens"].sum()) == sampled
-    assert g.stats["gen_tokens"].shape == (len(g.examples) * 3,)  # per tree
+    assert int(g.gen_tokens.sum()) == sampled
+    assert g.gen_tokens.shape == (len(g.examples) * 3,)  # per tree
     assert sampled < int(g.rollout.lengths.sum())  # the rows repeat shared prefixes; those are free
     assert 0 <= g.stats["fork_pos"] < 1 and 0 <= g.stats["branch_differs"] <= 1
-
-
-def test_first_error():
-    assert tree_vs_chains.first_error("dcxa", "dcba") == 2  # a wrong character
-    assert tree_vs_chains.first_error("dc", "dcba") == 2  # stopped early: the EOS at position 2
-    assert tree_vs_chains.first_error("dcbaa", "dcba") == 4  # ran on: the extra character
-
-
-def test_matched_chains_stop_when_the_budget_is_reached():
-    # prompt 0: chains of 5, 5, 5 tokens and a budget of 8: the first two are drawn (5 < 8, 10 >= 8)
-    # prompt 1: budget 5: only the first (0 < 5, then 5 >= 5)
-    correct = torch.tensor([[False, True, True], [False, True, False]])
-    lengths = torch.full((2, 3), 5.0)
-    solved, drawn = tree_vs_chains.solved_with_matched_chains(correct, lengths, torch.tensor([8.0, 5.0]))
-    assert solved.tolist() == [True, False] and drawn.tolist() == [2, 1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,10 +293,3 @@ def test_bad_flags_fail_cleanly(run_fast, args, flag):
     err = p.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and flag in err[0], p.stderr
     assert "Traceback" not in p.stderr and p.stdout == ""
-
-
-def test_tree_vs_chains_runs(run_fast):
-    p = run_fast("tree_vs_chains.py", "--seeds", 1, "--repeats", 1, "--prompts", 16, "--warmup_steps", 2)
-    assert p.returncode == 0, p.stderr
-    first, last = p.stdout.strip().splitlines()
-    assert first.startswith("seed=0 tree=") and "chains_same_tokens=" in first and last.startswith("mean±std")
