@@ -20,7 +20,7 @@ its path (from the paper; its code was not available).
 The toy in arithmetic: GRPO's G = 8 chains of ~6 tokens (EOS included) sample ~48 tokens per prompt;
 (M, N, L, T) = (4, 1, 1, 2) samples 4 chains (~24) and 2 continuations from a fork about halfway along
 each (~3 tokens each, ~24): 12 leaves for ~48 tokens (measured: 49-53 per prompt and step, GRPO 47).
-Re-rolling a nearly right answer's least likely token often re-rolls its mistake.
+At the base, a wrong chain's most surprising token is its first mistake 41% of the time (a random one: 19%).
 
 Choices and departures:
 - Fork candidates: every token a tree sampled, EOS included (re-rolling it explores length), ranked by
