@@ -28,8 +28,8 @@ Choices and departures:
 - The verl port's advantage (raw rewards), not the older leave-one-out centring, without fill_in_paths (a
   zero local term borrows the parent's); --rounds > 1: a fork at a branch's first token makes siblings.
 - Leaves are cut at --max_new_tokens, prefix included; tokens sampled past that still count (~3%).
-- 20 prompts per step, not 32: 240 leaf rows cost about GRPO's 256 (CPU time, one thread: 114 s vs 108 s). TreeRL's
-  training (M, N, L, T) were not in the code read.
+- 20 prompts per step, not 32: 240 leaf rows cost about GRPO's 256 (one thread: 114 s CPU against 108 s).
+  TreeRL's training (M, N, L, T) were not in the code read.
 
 Run: uv run minimal_tree_grpo.py          (flags: uv run minimal_tree_grpo.py --help)
 """
