@@ -200,6 +200,8 @@ def student_update(student, optimizer, teacher, tok, task, examples, step, args,
 
 def check_args(args):
     tt.check_common_args(args, min_group=2)
+    if args.task == "tokrev":
+        tt.fail("--task tokrev has no separator for a privileged context; use keyed, reverse --binary or add")
     if args.task == "reverse" and not args.binary:
         tt.fail("--task reverse needs --binary here: with partial credit, R * G pays the teacher to teach "
                 "the student its own mistakes")
@@ -236,8 +238,9 @@ def main():
     student_optimizer = torch.optim.AdamW(student.parameters(), lr=args.student_lr)  # its own moments, even --shared
     copy_acc, key_rate = tt.evaluate_teacher(teacher, tok, task, device, args.max_new_tokens)
     logger.info("teacher", copy_acc=copy_acc, key_rate=key_rate)
-    base_acc, exact = tt.evaluate(student, tok, task, device, args.max_new_tokens)
-    logger.eval(0, base_acc, exact, sampled_exact=tt.sampled_exact(student, tok, task, device, args.max_new_tokens))
+    base_acc, exact, test_entropy = tt.evaluate(student, tok, task, device, args.max_new_tokens)
+    sampled = tt.sampled_exact(student, tok, task, device, args.max_new_tokens)  # exact match at T = 1
+    logger.eval(0, base_acc, exact, entropy=test_entropy, sampled_exact=sampled)
 
     for step in range(1, args.steps + 1):
         examples = task.sample(rng, args.prompts_per_step)
@@ -262,9 +265,9 @@ def main():
                     learnability=gain.mean(), spike=penalty.mean(), key_rate=is_key.mean(),
                     gate=gate, student_loss=student_loss)
         if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
-            test_acc, exact = tt.evaluate(student, tok, task, device, args.max_new_tokens)
+            test_acc, exact, test_entropy = tt.evaluate(student, tok, task, device, args.max_new_tokens)
             sampled = tt.sampled_exact(student, tok, task, device, args.max_new_tokens)
-            logger.eval(step, test_acc, exact, sampled_exact=sampled)
+            logger.eval(step, test_acc, exact, entropy=test_entropy, sampled_exact=sampled)
     copy_acc, key_rate = tt.evaluate_teacher(teacher, tok, task, device, args.max_new_tokens)
     logger.info("teacher", copy_acc=copy_acc, key_rate=key_rate)
     logger.final(test_acc, exact, base_acc, sampled_exact=sampled)

@@ -192,8 +192,9 @@ def test_held_out_scoring_is_against_the_reversal_alone(monkeypatch):
     for texts, exact in ((keys, 0.0), (revs, 1.0)):
         def fake_sample(model, tok, ids, mask, max_new_tokens, temperature=1.0, greedy=False, texts=texts):
             k = ids.size(0) // len(texts)  # sampled_exact asks for several samples per prompt
-            return SimpleNamespace(texts=[t for t in texts for _ in range(k)])
+            return SimpleNamespace(texts=[t for t in texts for _ in range(k)], completion_mask=torch.ones(len(ids), 1))
         monkeypatch.setattr(tt, "sample", fake_sample)
+        monkeypatch.setattr(tt, "token_logprobs", lambda model, r: (None, torch.zeros(len(r.texts), 1)))
         assert tt.evaluate(torch.nn.Linear(1, 1), tok, task, "cpu", 10)[1] == exact
         assert tt.sampled_exact(torch.nn.Linear(1, 1), tok, task, torch.device("cpu"), 10) == exact
     assert all(task.reward(k, ex) == 1 for k, ex in zip(keys, task.test))
@@ -294,6 +295,7 @@ def test_same_seed_same_lines(run_fast):
     (["--clip_eps", "1.5"], "--clip_eps"),
     (["--task", "reverse"], "--binary"),
     (["--binary"], "--binary"),
+    (["--task", "tokrev"], "--task"),
 ])
 def test_bad_flags_fail_loudly(run_fast, args, flag):
     p = run_fast("minimal_pedagogical.py", *args)
