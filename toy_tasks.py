@@ -199,8 +199,8 @@ class KeyedReverseTask(ReverseTask):
     student does not have: from the prompt alone its first character is a blind guess (1 in 3 even
     for a policy that knows the reversal and knows that it must not write it).
     The privileged context lists both accepted answers in an order also seeded by the string
-    ("dbac|abca" or "abca|dbac"), and `teacher_prompt` puts it in front of the prompt
-    ("dbac|abca|cabd="). `answer` is the reversal alone, so held-out evaluation of a student scores it
+    ("bbac|dbac" or "dbac|bbac" for "cabd="), and `teacher_prompt` puts it in front of the prompt
+    ("bbac|dbac|cabd="). `answer` is the reversal alone, so held-out evaluation of a student scores it
     against the reversal only. Prompts are drawn exactly as `reverse` draws them: same held-out set,
     same training strings for the same seed."""
     name = "keyed"
