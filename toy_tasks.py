@@ -187,7 +187,45 @@ class TokenReversalTask(Task):
         return Example(prompt=s + "=", answer=s[::-1], context=s[::-1])
 
 
-TASKS = {"reverse": ReverseTask, "add": AddTask, "tokrev": TokenReversalTask}
+# --------------------------------------------------------------------------------------------------
+# Two correct answers, only one of them learnable: the task for a teacher with privileged context
+# (minimal_pedagogical.py).
+
+
+class KeyedReverseTask(ReverseTask):
+    """Reverse a string, scored by exact match, where the verifier also accepts a per-prompt *key*: the
+    reversal with its first character replaced by another letter, both seeded by the string, so the
+    key never equals the reversal. The key stands for a correct solution that relies on information the
+    student does not have: from the prompt alone its first character is a blind guess (1 in 3 even
+    for a policy that knows the reversal and knows that it must not write it).
+    The privileged context lists both accepted answers in an order also seeded by the string
+    ("bbac|dbac" or "dbac|bbac" for "cabd="), and `teacher_prompt` puts it in front of the prompt
+    ("bbac|dbac|cabd="). `answer` is the reversal alone, so held-out evaluation of a student scores it
+    against the reversal only. Prompts are drawn exactly as `reverse` draws them: same held-out set,
+    same training strings for the same seed."""
+    name = "keyed"
+
+    def __init__(self, binary=True, **kw):
+        super().__init__(binary=True, **kw)  # always exact match: the verifier accepts two strings
+
+    def key(self, s):
+        """The key of string s (the prompt without "="), and whether the context lists it first."""
+        rng = random.Random("key:" + s)  # a str seed is hashed with SHA-512: the same in every process
+        rev = s[::-1]
+        key = rng.choice([c for c in self.letters if c != rev[0]]) + rev[1:]
+        return key, rng.random() < 0.5
+
+    def make_example(self, rng):
+        ex = super().make_example(rng)
+        key, key_first = self.key(ex.prompt[:-1])
+        listed = (key, ex.answer) if key_first else (ex.answer, key)
+        return Example(prompt=ex.prompt, answer=ex.answer, context=self.separator.join(listed))
+
+    def reward(self, text, ex):
+        return float(text == ex.answer or text == self.key(ex.prompt[:-1])[0])
+
+
+TASKS = {"reverse": ReverseTask, "add": AddTask, "tokrev": TokenReversalTask, "keyed": KeyedReverseTask}
 
 
 def make_task(name, binary=False):
@@ -252,16 +290,18 @@ def load_pretrained(name):
     return model, tok
 
 
-def supervised_warmup(model, tok, task, steps, seed, batch=64, lr=3e-3):
+def supervised_warmup(model, tok, task, steps, seed, batch=64, lr=3e-3, view=None):
     """Teacher-forced training on a few batches of correct answers: a "base model" that is partly
-    competent, so RL sharpens a model as in real post-training instead of starting from noise."""
+    competent, so RL sharpens a model as in real post-training instead of starting from noise.
+    `view(ex) -> (prompt, target)` trains on another view of each example (default: prompt, answer)."""
     rng = random.Random(seed + 10_000)  # its own stream: the warm-up never shifts the RL prompts
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     device = next(model.parameters()).device
+    view = view or (lambda ex: (ex.prompt, ex.answer))
     for _ in range(steps):
-        examples = task.sample(rng, batch)
-        prompt_ids, prompt_mask = encode(tok, [ex.prompt for ex in examples], device)
-        answers = tok([ex.answer + (tok.eos_token if task.ends_with_eos else "") for ex in examples],
+        prompts, targets = zip(*map(view, task.sample(rng, batch)))
+        prompt_ids, prompt_mask = encode(tok, list(prompts), device)
+        answers = tok([t + (tok.eos_token if task.ends_with_eos else "") for t in targets],
                       add_special_tokens=False,
                       padding=True, padding_side="right", return_tensors="pt").to(device)
         r = Rollout(prompt_ids, prompt_mask, answers.input_ids, answers.attention_mask.float(),
@@ -432,10 +472,12 @@ def mean_length_wrong(rollout, rewards):
     return rollout.lengths[wrong].mean() if wrong.any() else torch.tensor(0.0)
 
 
-def rollout_groups(model, tok, task, examples, group_size, args, device):
-    """Sample `group_size` completions per example and score them: the Rollout and rewards (P, G)."""
+def rollout_groups(model, tok, task, examples, group_size, args, device, teacher=False):
+    """Sample `group_size` completions per example and score them: the Rollout and rewards (P, G).
+    teacher=True samples from the privileged view, `task.teacher_prompt(ex)`."""
     repeated = [ex for ex in examples for _ in range(group_size)]
-    prompt_ids, prompt_mask = encode(tok, [ex.prompt for ex in repeated], device)
+    prompts = [task.teacher_prompt(ex) if teacher else ex.prompt for ex in repeated]
+    prompt_ids, prompt_mask = encode(tok, prompts, device)
     rollout = sample(model, tok, prompt_ids, prompt_mask, args.max_new_tokens, args.temperature)
     rewards = task.rewards(rollout.texts, repeated).to(device)
     return rollout, rewards.view(len(examples), group_size)
@@ -454,6 +496,60 @@ def evaluate(model, tok, task, device, max_new_tokens):
     acc = sum(char_accuracy(t, ex.answer) for t, ex in zip(rollout.texts, task.test)) / len(task.test)
     exact = sum(t == ex.answer for t, ex in zip(rollout.texts, task.test)) / len(task.test)
     return acc, exact, float(entropy)
+
+
+# --------------------------------------------------------------------------------------------------
+# A teacher with privileged context and its student (minimal_pedagogical.py): the student's view of a
+# teacher's completions, the teacher's copy warm-up target, and the evaluations both need.
+
+
+def with_prompts(rollout, tok, prompts, device):
+    """The same completions after other prompts: a teacher's samples as its student sees them (the
+    student's prompt in front, no privileged context). Completion tokens, masks and texts are shared."""
+    prompt_ids, prompt_mask = encode(tok, prompts, device)
+    return Rollout(prompt_ids, prompt_mask, rollout.completion_ids, rollout.completion_mask,
+                   rollout.truncated, rollout.texts, rollout.temperature)
+
+
+def copy_view(task, ex, rng=None):
+    """(teacher prompt, an accepted answer its context lists: the first, or one drawn by rng): the
+    warm-up view that teaches a teacher to copy a listed answer."""
+    listed = ex.context.split(task.separator)
+    return task.teacher_prompt(ex), rng.choice(listed) if rng else listed[0]
+
+
+def is_other_answer(texts, rewards, examples):
+    """(N,) float: 1 where a completion is accepted by the verifier but is not the reference answer
+    (on the keyed task: the key)."""
+    return torch.tensor([float(r == 1 and t != ex.answer) for t, r, ex in zip(texts, rewards, examples)])
+
+
+@torch.no_grad()
+def evaluate_teacher(model, tok, task, device, max_new_tokens):
+    """Greedy decoding of a teacher on its own view of the held-out set: (share accepted by the
+    verifier, which for a context of accepted answers is the share that copies one of them; share
+    accepted but not the reference answer, i.e. the key)."""
+    model.eval()
+    prompt_ids, prompt_mask = encode(tok, [task.teacher_prompt(ex) for ex in task.test], device)
+    texts = sample(model, tok, prompt_ids, prompt_mask, max_new_tokens, greedy=True).texts
+    model.train()
+    rewards = [task.reward(t, ex) for t, ex in zip(texts, task.test)]
+    return sum(rewards) / len(rewards), is_other_answer(texts, rewards, task.test).mean().item()
+
+
+@torch.no_grad()
+def sampled_exact(model, tok, task, device, max_new_tokens, samples=4, seed=0):
+    """Exact-match rate against the reference answer of `samples` completions per held-out prompt at
+    temperature 1, drawn from a private random stream so that evaluating never moves the training's."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        model.eval()
+        prompts = [ex.prompt for ex in task.test for _ in range(samples)]
+        prompt_ids, prompt_mask = encode(tok, prompts, device)
+        texts = sample(model, tok, prompt_ids, prompt_mask, max_new_tokens, temperature=1.0).texts
+        model.train()
+    answers = [ex.answer for ex in task.test for _ in range(samples)]
+    return sum(t == a for t, a in zip(texts, answers)) / len(answers)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -502,8 +598,8 @@ def check_common_args(args, min_group=2):
         fail(f"--warmup_steps must be -1 (the task's own), 0 (random weights) or more, got {args.warmup_steps}")
     if args.eval_every < 0:
         fail(f"--eval_every must not be negative, got {args.eval_every}")
-    if args.binary and args.task == "add":
-        fail("--binary does not apply to --task add, which is always scored by exact match")
+    if args.binary and args.task in ("add", "keyed"):
+        fail(f"--binary does not apply to --task {args.task}, which is always scored by exact match")
     if args.device not in ("auto", "cpu", "cuda", "mps"):
         fail(f"--device {args.device!r} is unknown; choose auto, cpu, cuda or mps")
     if args.device == "cuda" and not torch.cuda.is_available():
