@@ -43,7 +43,7 @@ import toy_tasks as tt
 @dataclass
 class Args:
     task: str = "reverse"
-    """task to train on: reverse (dense per-character reward) or add (exact-match reward)"""
+    """task to train on: reverse (per-character reward), add (exact match: sparse) or tokrev (the published toy)"""
     binary: bool = False
     """score reverse by exact match (1 or 0) instead of per-character credit"""
     model: str = ""
