@@ -307,6 +307,7 @@ def load_teacher(args, task, tok, student, device):
         fail(f"the teacher's held-out accuracy is {test_acc:.3f}, below --teacher_min_acc "
              f"{args.teacher_min_acc}: {fix}")
     teacher.eval().requires_grad_(False)
+    teacher.zero_grad()  # drop the training gradients: nothing flows into the teacher again
     return teacher, {"test_acc": test_acc, "exact": exact, "time_s": time.time() - start}
 
 
