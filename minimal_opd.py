@@ -1,37 +1,60 @@
-"""REINFORCE with a leave-one-out group baseline: the parent of every minimal_*.py file.
+"""OPD: on-policy distillation. The student samples; a frozen teacher scores every sampled token.
 
-Papers: Williams 1992 (REINFORCE); Kool et al. 2019, "Buy 4 REINFORCE Samples, Get a Baseline for
-Free!"; Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization for Learning
-from Human Feedback in LLMs" (RLOO), arXiv 2402.14740.
-The same advantage at scale: TRL's RLOOTrainer, verl's adv_estimator=rloo.
-Parent: none; every other file is a copy of this one (or of minimal_grpo.py) with one idea changed.
-The idea: sample G completions per prompt, score each against the mean reward of the other G-1, and
-raise the log-probability of the whole completion in proportion to that advantage:
+Papers: Agarwal et al., "On-Policy Distillation of Language Models: Learning from Self-Generated
+Mistakes" (GKD), ICLR 2024, arXiv 2306.13649; Lu et al. (Thinking Machines), "On-Policy
+Distillation", 2025 blog; Gu et al., "MiniLLM", arXiv 2306.08543.
+The same loss at scale: --estimator sampled is tinker-cookbook's distillation/train_on_policy.py
+(kl_penalty_coef=1, kl_discount_factor=0, loss_fn="importance_sampling", num_substeps=1);
+--estimator full is TRL's GKDTrainer with lmbda=1 (on-policy only), beta=1 (reverse KL), temperature=1.
+Parent: minimal_pg.py (one gradient step per batch, REINFORCE loss, no clip, no reference model).
+The change: the advantage. No reward, no baseline: a frozen teacher pi_T scores the student's own
+tokens, and each token is credited with its own log-ratio, and with nothing that came after it:
 
-    A_i  = r_i - mean_{j != i} r_j  =  G/(G-1) * (r_i - mean(r))
-    loss = -mean_i [ A_i * sum_t log pi(y_i,t) ]        (the whole completion is one action)
+    A_t  = -(log pi_S(a_t) - log pi_T(a_t))                 (a number: detached, discount 0)
+    loss = -mean_i [ sum_t A_t * log pi_S(y_i,t) ]          --estimator sampled (the default)
+    loss =  mean_i [ sum_t KL(pi_S || pi_T)(. | y_i,<t) ]   --estimator full (GKD, lambda = beta = 1)
 
-Why leave-one-out: the baseline for completion i must not depend on y_i, or it biases the gradient.
-The mean of the other G-1 rewards is independent of y_i, so E[A_i grad log pi(y_i)] is the true policy
-gradient, with far less variance than the raw reward. It is also why a group whose G rewards are all
-equal contributes nothing: no completion did better than its siblings, so there is nothing to learn.
+The two losses have the same expected gradient. At a visited position, averaging the sampled
+gradient over the token a ~ pi_S gives sum_a pi_S(a) (log pi_S(a) - log pi_T(a)) grad log pi_S(a),
+which is grad KL(pi_S || pi_T) because sum_a pi_S(a) grad log pi_S(a) = grad 1 = 0. The full
+estimator does that sum over the vocabulary exactly instead of drawing one token: the same direction
+with less noise, at the price of the teacher's whole distribution (so a shared vocabulary). Neither
+charges a token for the prefixes it leads to (tinker's kl_discount_factor = 0; a discount would add
+every later log-ratio to A_t, and its variance with it). A is detached whole: a live log pi_S inside
+it would add the gradient of (log pi_S)^2 / 2, a bias. The task reward is still computed and logged
+as `reward`, never trained on: --binary changes that column and not one other number (tested).
 
-Why a sum over tokens: the completion is one action whose log-probability is the sum of its token
-log-probs, so the REINFORCE estimator multiplies A_i by that sum. A longer completion therefore gets
-a proportionally larger push; the GRPO family changes exactly this normalisation (see those files).
+The teacher (toy_tasks.load_teacher) is the same 2-layer Llama with the same tokenizer, trained in
+memory by the supervised warm-up for --teacher_steps 200 steps with the learning rate decayed to 0,
+from its own seeds (neither its weights nor its data shift the student's; tested). Held-out accuracy
+0.987-1.0 over seeds 0-5 (0.91-0.997 without the decay). It is stronger by training, not by size.
+Frozen: eval mode, no gradients, no optimizer, scored at temperature 1 whatever --temperature is
+(the student is scored at the temperature it sampled at, as tinker uses the sampler's log-probs).
+Below --teacher_min_acc 0.97 the run stops before any RL. --teacher loads any Hugging Face causal LM
+that shares the student's vocabulary instead; a --model student must name one.
 
-One gradient step per batch, on the batch just sampled: the policy that sampled is the one being
-updated, so the importance ratio is exactly 1, nothing is clipped and the KL to the sampler is 0.
-Those columns are still logged so that every file's output lines up with its siblings'.
-What to watch instead: reward and test_acc rising, entropy falling (the policy sharpening), and len
-settling at the answer length plus one end-of-sequence token.
+Why the toy shows the method. At the base (40 warm-up steps, seed 0) the student's samples are 6.3
+tokens long and half their tokens are the teacher's own choice: those get A = +0.5 on average, the
+other half A = -4.8 (the teacher puts e^-6.3 on them). That is a verdict on every token, where the
+reward gives one number per completion: 0.41 per-character credit, or, with --binary, 1 for 2% of
+the samples, so 0.98^8 = 85% of GRPO's groups of 8 are all zeros and teach nothing. The teacher's
+verdicts do not change with --binary at all.
 
-How to read this file (every sibling has the same layout): `Args` is the whole configuration, one
-flag per field; under ALGO LOGIC sit the advantage, the KL estimator, the aggregation, the loss and
-one update, each a small function the tests check by hand; under TRY NOT TO MODIFY is the loop that
-samples, scores, updates and logs. toy_tasks.py holds everything that is not the method.
+Choices, stated (every number: seeds as given, 150 steps, 1 CPU thread; README for the commands):
+- 256 prompts x 1 completion per step, GRPO's 256 samples without the groups that no baseline needs.
+  RESULTS_PENDING
+- lr 1e-3, the siblings' rate: at 3e-3 test_acc fell from 0.58 to 0.44 within 10 steps (seed 0).
+- One aggregation for both estimators, the parent's (sum over each completion's tokens, mean over
+  completions), so that they differ in variance only; tinker sums over tokens, TRL's GKD divides the
+  sum by the number of tokens, a scale (the mean length, about 6) that Adam mostly absorbs.
+- max_grad_norm 1 kept. grad_norm is 15-50 throughout (advantages of several nats), so every step
+  is clipped; under Adam that rescales a step more than it turns it.
 
-Run: uv run minimal_pg.py            (flags: uv run minimal_pg.py --help)
+What to watch: teacher_kl (the sampled estimate) tracking reverse_kl (exact) down towards 0,
+top1_agree towards 1, test_acc towards the teacher's. --grad_var_batches K measures instead of
+training: both estimators' gradients on the same K batches at the base (README, claim C2).
+
+Run: uv run minimal_opd.py            (flags: uv run minimal_opd.py --help; --estimator full for GKD)
 """
 from dataclasses import dataclass
 
@@ -190,7 +213,7 @@ def check_args(args):
     if args.estimator not in ("sampled", "full"):
         tt.fail(f"--estimator {args.estimator!r} is unknown; choose sampled or full")
     if args.model and not args.teacher:
-        tt.fail("--model needs a --teacher that shares its vocabulary (the tiny teacher shares only the tiny student's)")
+        tt.fail("--model needs a --teacher with the same vocabulary (the tiny teacher has the tiny student's)")
     if not args.teacher and args.teacher_steps < 1:
         tt.fail(f"--teacher_steps must be a positive whole number, got {args.teacher_steps}")
     if not 0 <= args.teacher_min_acc <= 1:
