@@ -232,8 +232,8 @@ def main():
     teacher, record = tt.load_teacher(args, task, tok, model, device)  # frozen, checked, from its own seeds
     logger.info("teacher", **record)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    base_acc, exact = tt.evaluate(model, tok, task, device, args.max_new_tokens)
-    logger.eval(0, base_acc, exact)
+    base_acc, exact, test_entropy = tt.evaluate(model, tok, task, device, args.max_new_tokens)
+    logger.eval(0, base_acc, exact, entropy=test_entropy)
     if args.grad_var_batches:
         return gradient_variance(model, tok, task, teacher, rng, device, logger, args)
 
@@ -246,8 +246,8 @@ def main():
         logger.step(step, reward=rewards.mean(), loss=loss, entropy=entropy, **stats,
                     grad_norm=grad_norm, len=rollout.lengths.mean(), gen_tokens=int(rollout.lengths.sum()), **teaching)
         if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
-            test_acc, exact = tt.evaluate(model, tok, task, device, args.max_new_tokens)
-            logger.eval(step, test_acc, exact)
+            test_acc, exact, test_entropy = tt.evaluate(model, tok, task, device, args.max_new_tokens)
+            logger.eval(step, test_acc, exact, entropy=test_entropy)
     logger.final(test_acc, exact, base_acc)
 
 
