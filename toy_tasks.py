@@ -299,7 +299,7 @@ def load_policy(args, task, device):
 # --------------------------------------------------------------------------------------------------
 # Teachers: a frozen, stronger model that scores the student's own tokens (on-policy distillation).
 # By default the tiny Llama with the student's tokenizer, trained in memory; or any causal LM that
-# shares the student's vocabulary. Scored with `token_logprobs(teacher, rollout, temperature=1.0)`.
+# shares the student's vocabulary. Scored at temperature 1: `completion_logits(teacher, rollout, 1.0)`.
 
 TEACHER_SEED = 1_000_000  # the teacher's seeds are the run's seed plus this: never a student's stream
 

@@ -93,20 +93,28 @@ def test_both_estimators_share_one_expected_gradient():
 
 
 def test_teacher_is_frozen_and_scored_at_temperature_one(run_fast, monkeypatch):
-    seen, calls = {}, []
-    load_teacher, completion_logits = tt.load_teacher, tt.completion_logits
+    seen, calls = {"evaluating": False}, []
+    load_teacher, completion_logits, evaluate = tt.load_teacher, tt.completion_logits, tt.evaluate
 
     def spy_load(*a, **k):
         teacher, record = load_teacher(*a, **k)
         seen["teacher"], seen["before"] = teacher, [p.detach().clone() for p in teacher.parameters()]
         return teacher, record
 
+    def spy_eval(*a, **k):  # held-out evaluation scores greedy completions: not a training pass
+        seen["evaluating"] = True
+        try:
+            return evaluate(*a, **k)
+        finally:
+            seen["evaluating"] = False
+
     def spy_logits(model, rollout, temperature):
-        if "teacher" in seen:  # after the teacher's own training and the student's warm-up
+        if "teacher" in seen and not seen["evaluating"]:  # the training passes, after the teacher's own
             calls.append((model is seen["teacher"], temperature))
         return completion_logits(model, rollout, temperature)
 
     monkeypatch.setattr(tt, "load_teacher", spy_load)
+    monkeypatch.setattr(tt, "evaluate", spy_eval)
     monkeypatch.setattr(tt, "completion_logits", spy_logits)
     p = run_fast("minimal_opd.py", *FAST, "--temperature", "0.7", "--estimator", "full")
     assert p.returncode == 0, p.stderr
