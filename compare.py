@@ -71,6 +71,11 @@ def first_at_or_below(steps, values, threshold=ENTROPY_FLOOR):
     return next((s for s, v in zip(steps, values) if v <= threshold), None)
 
 
+def first_at_or_above(steps, values, threshold):
+    """The first step whose value is at or above the threshold (e.g. test_acc >= 0.95), or None."""
+    return next((s for s, v in zip(steps, values) if v >= threshold), None)
+
+
 def read_log(path):
     """One run's JSON lines as {"step": [...records], "eval": [...], "final": {...}}, and any other kind
     of line a file writes (e.g. "teacher") as a list under its kind."""
@@ -105,8 +110,9 @@ def cumulative_tokens(logs, steps):
     return [sum(t[s] for t in totals) / len(totals) for s in steps]
 
 
-def summarise(logs):
-    """One table row's numbers for one method: dict of final accuracy, entropy-collapse steps, times.
+def summarise(logs, reach=()):
+    """One table row's numbers for one method: dict of final accuracy, entropy-collapse steps, times,
+    and for each threshold in `reach` the first evaluated step with test_acc at or above it, per run.
     Two entropies: the sampling entropy of the step lines (every step, on training completions) and
     the held-out entropy of the eval lines (every --eval_every steps, along greedy completions of the
     test prompts: what rl-experiments reports)."""
@@ -115,9 +121,11 @@ def summarise(logs):
                 for log in logs]
     held_out = [first_at_or_below([r["step"] for r in log["eval"]], [r.get("entropy", 1.0) for r in log["eval"]])
                 for log in logs]
+    reached = {t: [first_at_or_above([r["step"] for r in log["eval"]], [r["test_acc"] for r in log["eval"]], t)
+                   for log in logs] for t in reach}
     return {"test_acc": mean_std_se(finals), "base_acc": mean_std_se([log["final"]["base_acc"] for log in logs]),
             "collapse": collapse, "collapse_eval": held_out, "time_s": mean_std_se([log["wall_s"] for log in logs]),
-            "seeds": len(logs)}
+            "seeds": len(logs), "reach": reached}
 
 
 def collapse_cell(collapse):
@@ -136,13 +144,16 @@ def markdown_table(summaries, metrics=None, error=False):
     metrics = metrics or {}
     mixed = len({metrics.get(name, DEFAULT_METRIC) for name in summaries}) > 1
     final = "final test error (mean ± std)" if error else "final test_acc (mean ± std)"
+    reach = list(next(iter(summaries.values())).get("reach", {}))  # thresholds asked for with --reach
     rows = [f"| method | {final} | base_acc | first step with sampling entropy ≤ 0.1 | first eval with held-out "
-            "entropy ≤ 0.1 | wall time per run (s) | seeds |" + (" test_acc is |" if mixed else ""),
-            "|---|---|---|---|---|---|---|" + ("---|" if mixed else "")]
+            "entropy ≤ 0.1 | wall time per run (s) | seeds |"
+            + "".join(f" first eval step with test_acc ≥ {t} |" for t in reach) + (" test_acc is |" if mixed else ""),
+            "|---|---|---|---|---|---|---|" + "---|" * len(reach) + ("---|" if mixed else "")]
     for name, s in summaries.items():
         (m, sd, _), (b, _, _), (t, _, _) = s["test_acc"], s["base_acc"], s["time_s"]
         rows.append(f"| {name} | {1 - m if error else m:.3f} ± {sd:.3f} | {b:.3f} | {collapse_cell(s['collapse'])} | "
                     f"{collapse_cell(s['collapse_eval'])} | {t:.0f} | {s['seeds']} |"
+                    + "".join(f" {collapse_cell(s['reach'][th])} |" for th in reach)
                     + (f" {metrics.get(name, DEFAULT_METRIC)} |" if mixed else ""))
     return "\n".join(rows) + "\n"
 
@@ -346,6 +357,8 @@ def main(argv=None):
     ap.add_argument("--per_method", default="", help="flags for one method only, e.g. 'grpo: --beta 0; tpo: --eta 2'")
     ap.add_argument("--x", default="step", choices=["step", "gen_tokens"],
                     help="x-axis of the figure: RL step, or generated tokens summed over the run so far")
+    ap.add_argument("--reach", default="", help="comma-separated test_acc thresholds, e.g. 0.9,0.95: a table column "
+                    "each, the first evaluated step at or above it (evaluate often: --extra '--eval_every 5')")
     ap.add_argument("--preset", default="", choices=[""] + list(PRESETS),
                     help="a named setting (see PRESETS): it sets the defaults above, which flags still override")
     ap.add_argument("--tree_sampler", action="store_true",
@@ -363,6 +376,10 @@ def main(argv=None):
     for name in ("seeds", "steps", "prompts_per_step", "group_size", "epochs", "jobs"):
         if getattr(args, name) < 1:
             sys.exit(f"error: --{name} must be a positive whole number")
+    try:
+        reach = [float(t) for t in args.reach.split(",") if t.strip()]
+    except ValueError:
+        sys.exit(f"error: --reach {args.reach!r} must be comma-separated numbers, e.g. 0.9,0.95")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -396,7 +413,7 @@ def main(argv=None):
                   f"in {wall:.0f} s (elapsed {time.time() - start:.0f} s)", flush=True)
 
     metrics = {name: method_metric(methods[name]) for name in chosen}
-    table = markdown_table({name: summarise(runs) for name, runs in logs.items()}, metrics, error=args.error)
+    table = markdown_table({name: summarise(runs, reach) for name, runs in logs.items()}, metrics, error=args.error)
     (out / "compare.md").write_text(table)
     plot(logs, out / "compare.png", x=args.x, metrics=metrics)
     print(table)

@@ -363,8 +363,10 @@ ALL_SCRIPTS = sorted(p.name for p in Path(__file__).resolve().parents[1].glob("m
 
 # The final test_acc each default run must reach, from a base at or below 0.6. PG, one plain REINFORCE
 # step per batch and no KL anchor, is the slowest and noisiest learner: its 200-step default ended
-# between 0.87 and 0.97 over seeds 0-2 with 1 or 2 CPU threads, so its floor is lower.
-FLOOR = {"minimal_pg.py": 0.85}
+# between 0.87 and 0.97 over seeds 0-2 with 1 or 2 CPU threads, so its floor is lower. OPD's default
+# (a near-perfect teacher scoring every token) ended at 0.976-0.986 over seeds 0-2 with 1 thread, so
+# its floor is the 0.95 its issue asks of it.
+FLOOR = {"minimal_pg.py": 0.85, "minimal_opd.py": 0.95}
 
 
 @pytest.mark.slow

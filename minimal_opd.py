@@ -1,0 +1,255 @@
+"""OPD: on-policy distillation. The student samples; a frozen teacher scores every sampled token.
+
+Papers: Agarwal et al., "On-Policy Distillation of Language Models: Learning from Self-Generated
+Mistakes" (GKD), ICLR 2024, arXiv 2306.13649; Lu et al. (Thinking Machines), "On-Policy
+Distillation", 2025 blog; Gu et al., "MiniLLM", arXiv 2306.08543.
+The same loss at scale: --estimator sampled is tinker-cookbook's distillation/train_on_policy.py
+(kl_penalty_coef=1, kl_discount_factor=0, loss_fn="importance_sampling", num_substeps=1);
+--estimator full is TRL's GKDTrainer with lmbda=1 (on-policy only), beta=1 (reverse KL), temperature=1.
+Parent: minimal_pg.py (one gradient step per batch, REINFORCE loss, no clip, no reference model).
+The change: the advantage. No reward, no baseline: a frozen teacher pi_T scores the student's own
+tokens, and each token is credited with its own log-ratio, and with nothing that came after it:
+
+    A_t  = -(log pi_S(a_t) - log pi_T(a_t))                 (a number: detached, discount 0)
+    loss = -mean_i [ sum_t A_t * log pi_S(y_i,t) ]          --estimator sampled (the default)
+    loss =  mean_i [ sum_t KL(pi_S || pi_T)(. | y_i,<t) ]   --estimator full (GKD, lambda = beta = 1)
+
+The two losses have the same expected gradient. At a visited position, averaging the sampled
+gradient over the token a ~ pi_S gives sum_a pi_S(a) (log pi_S(a) - log pi_T(a)) grad log pi_S(a),
+which is grad KL(pi_S || pi_T) because sum_a pi_S(a) grad log pi_S(a) = grad 1 = 0. The full
+estimator does that sum over the vocabulary exactly instead of drawing one token: the same direction
+with less noise, at the price of the teacher's whole distribution (so a shared vocabulary). Neither
+charges a token for the prefixes it leads to (tinker's kl_discount_factor = 0; a discount would add
+every later log-ratio to A_t, and its variance with it). A is detached whole: a live log pi_S inside
+it would add the gradient of (log pi_S)^2 / 2, a bias. The task reward is still computed and logged
+as `reward`, never trained on: --binary changes that column and not one other number (tested).
+
+The teacher (toy_tasks.load_teacher) is the same 2-layer Llama with the same tokenizer, trained in
+memory by the supervised warm-up for --teacher_steps 200 steps with the learning rate decayed to 0,
+from its own seeds (neither its weights nor its data shift the student's; tested). Held-out accuracy
+0.987-0.999 over seeds 0-2, trained in 24 s on one busy thread. Stronger by training, not by size.
+Frozen: eval mode, no gradients, no optimizer, scored at temperature 1 whatever --temperature is
+(the student is scored at the temperature it sampled at, as tinker uses the sampler's log-probs).
+Below --teacher_min_acc 0.97 the run stops before any RL. --teacher loads any Hugging Face causal LM
+that shares the student's vocabulary instead; a --model student must name one.
+
+Why the toy shows the method. At the base (40 warm-up steps, seed 0) the student's samples are 6.3
+tokens long and half their tokens are the teacher's own choice: those get A = +0.5 on average, the
+other half A = -4.8 (the teacher puts e^-6.3 on them). That is a verdict on every token, where the
+reward gives one number per completion: 0.41 per-character credit, or, with --binary, 1 for 3% of
+GRPO's first batch, so (were they independent) 0.97^8 = 78% of its groups of 8 are all zeros and
+teach nothing. The teacher's verdicts do not change with --binary at all.
+
+Choices, stated (every number: seed 0, 1 CPU thread; README for the commands):
+- 256 prompts x 1 completion per step, GRPO's 256 samples without the groups that no baseline needs:
+  more distinct prompts for the same samples (100 steps: test_acc 0.968, against 0.920 with 32 x 8).
+- lr 1e-3, the siblings' rate: at 3e-3 test_acc fell from 0.58 to 0.44 within 10 steps (seed 0).
+- One aggregation for both estimators, the parent's (sum over each completion's tokens, mean over
+  completions), so that they differ in variance only; tinker sums over tokens, TRL's GKD divides the
+  sum by the number of tokens, a scale (the mean length, about 6) that Adam mostly absorbs.
+- max_grad_norm 1 kept. grad_norm is 19-59 over 100 steps (advantages of several nats), so every
+  step is clipped; under Adam that rescales a step more than it turns it.
+
+What to watch: teacher_kl (the sampled estimate) tracking reverse_kl (exact) down towards 0,
+top1_agree towards 1, test_acc towards the teacher's. --grad_var_batches K measures instead of
+training: both estimators' gradients on the same K batches at the base (README, claim C2).
+
+Run: uv run minimal_opd.py            (flags: uv run minimal_opd.py --help; --estimator full for GKD)
+"""
+from dataclasses import dataclass
+
+import torch
+
+import toy_tasks as tt
+
+
+@dataclass
+class Args:
+    task: str = "reverse"
+    """task to train on: reverse (dense per-character reward) or add (exact-match reward)"""
+    binary: bool = False
+    """score reverse by exact match (1 or 0) instead of per-character credit"""
+    model: str = ""
+    """Hugging Face causal LM (hub id or local folder); empty builds the tiny default Llama"""
+    warmup_steps: int = -1
+    """supervised warm-up steps that make the tiny default a partly competent base model (-1: the task's
+    own, 40 for reverse; 0: start from random weights)"""
+    seed: int = 0
+    """seed for weights, prompts and sampling: the same seed prints the same lines on CPU"""
+    steps: int = 150
+    """RL steps; each samples a fresh batch of prompts"""
+    prompts_per_step: int = 256
+    """prompts per step"""
+    group_size: int = 1
+    """completions sampled per prompt; OPD has no baseline, so one is enough (256 x 1 = GRPO's 32 x 8)"""
+    lr: float = 1e-3
+    """AdamW learning rate"""
+    max_grad_norm: float = 1.0
+    """gradient-norm clip"""
+    max_new_tokens: int = 10
+    """token budget per completion; one that never emits EOS is truncated and marked"""
+    temperature: float = 1.0
+    """sampling temperature (the student's log-probs are taken at the same temperature, the teacher's at 1)"""
+    eval_every: int = 20
+    """greedy held-out evaluation every this many steps (0: only at the end)"""
+    device: str = "auto"
+    """auto, cpu, cuda or mps"""
+    log_jsonl: str = ""
+    """also write every step's metrics to this JSON-lines file"""
+    estimator: str = "sampled"
+    """sampled: REINFORCE on -(log pi_S - log pi_T) at each sampled token (Thinking Machines); full: the exact
+    reverse KL over the vocabulary at each visited position (GKD, lambda = beta = 1)"""
+    teacher: str = ""
+    """Hugging Face causal LM sharing the student's vocabulary; empty trains the tiny Llama as teacher"""
+    teacher_steps: int = 200
+    """supervised steps that train the tiny teacher in memory (from its own seeds)"""
+    teacher_min_acc: float = 0.97
+    """stop before any RL if the teacher's held-out accuracy is below this"""
+    grad_var_batches: int = 0
+    """measure instead of train: both estimators' gradients at the base on this many batches, then stop"""
+
+
+# ALGO LOGIC: everything that makes this method this method.
+
+
+def distill_advantages(logp, teacher_logp):
+    """The sampled-token advantage A_t = -(log pi_S(a_t) - log pi_T(a_t)), (N, T), detached whole: the
+    student's own log-prob inside it is a number, not a path for the gradient. Positive where the
+    teacher likes the token more than the student does, negative where less."""
+    return -(logp - teacher_logp).detach()
+
+
+def reverse_kl(logp_all, teacher_logp_all):
+    """Exact KL(pi_S || pi_T) at every position, summed over the vocabulary: (N, T, V) x 2 -> (N, T).
+    With the arguments swapped it is the forward KL(pi_T || pi_S)."""
+    return (logp_all.exp() * (logp_all - teacher_logp_all)).sum(-1)
+
+
+def entropy(logp_all):
+    """Entropy of each next-token distribution: (N, T, V) -> (N, T)."""
+    return -(logp_all.exp() * logp_all).sum(-1)
+
+
+def kl_k3(logp, ref_logp):
+    """Schulman's k3 estimator of KL(pi || ref) at the sampled tokens: exp(d) - d - 1, d = ref - pi."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def aggregate(per_token, mask):
+    """Sum over each completion's tokens, then mean over completions (both estimators)."""
+    return (per_token * mask).sum(1).mean()
+
+
+def policy_loss(logp, old_logp, adv, mask):
+    """REINFORCE loss and its diagnostics. logp, old_logp, adv, mask: (N, T), one advantage per token."""
+    ratio = torch.exp(logp - old_logp)  # (N, T); 1 exactly: one update per batch
+    per_token = -adv * logp  # (N, T) each token credited with its own term only (discount 0)
+    stats = {"ratio": tt.masked_mean(ratio, mask),
+             "clip_frac": tt.masked_mean(((ratio - 1).abs() > 0.2).float(), mask),  # no clip: drift past +-0.2
+             "kl": tt.masked_mean(kl_k3(logp, old_logp), mask)}  # k3 to the sampling policy
+    return aggregate(per_token, mask), {k: v.detach() for k, v in stats.items()}
+
+
+@torch.no_grad()
+def teacher_logprobs(teacher, rollout):
+    """The frozen teacher's log-probs over the vocabulary at every completion position, (N, T, V), at
+    temperature 1 whatever temperature the student sampled at: the teacher only scores."""
+    return tt.completion_logits(teacher, rollout, 1.0).log_softmax(-1)
+
+
+def distill_loss(model, rollout, teacher_logp_all, estimator):
+    """Either estimator's loss on a batch, the shared diagnostics, the teacher diagnostics and the
+    student's token entropies (N, T)."""
+    mask = rollout.completion_mask  # (N, T)
+    logp_all = tt.completion_logits(model, rollout, rollout.temperature).log_softmax(-1)  # (N, T, V) as sampled
+    pick = lambda x: x.gather(-1, rollout.completion_ids[..., None]).squeeze(-1)  # (N, T) the sampled tokens
+    logp, teacher_logp = pick(logp_all), pick(teacher_logp_all)
+    adv = distill_advantages(logp, teacher_logp)  # (N, T)
+    loss, stats = policy_loss(logp, logp.detach(), adv, mask)
+    if estimator == "full":  # the same expected gradient, each position's token summed out exactly
+        loss = aggregate(reverse_kl(logp_all, teacher_logp_all), mask)
+    logp_all = logp_all.detach()
+    teaching = {"teacher_kl": tt.masked_mean(-adv, mask),  # the sampled estimate of reverse_kl
+                "reverse_kl": tt.masked_mean(reverse_kl(logp_all, teacher_logp_all), mask),
+                "forward_kl": tt.masked_mean(reverse_kl(teacher_logp_all, logp_all), mask),
+                "teacher_entropy": tt.masked_mean(entropy(teacher_logp_all), mask),
+                "top1_agree": tt.masked_mean((logp_all.argmax(-1) == teacher_logp_all.argmax(-1)).float(), mask)}
+    return loss, stats, teaching, entropy(logp_all)
+
+
+def update(model, optimizer, rollout, teacher_logp_all, step, args):
+    """One gradient step on a sampled batch; returns the loss, its diagnostics and the entropy."""
+    mask = rollout.completion_mask  # (N, T)
+    loss, stats, teaching, entropy = distill_loss(model, rollout, teacher_logp_all, args.estimator)
+    tt.check_finite(loss, step)
+    optimizer.zero_grad()
+    loss.backward()
+    stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+    optimizer.step()
+    return loss.detach(), stats, tt.masked_mean(entropy, mask), teaching
+
+
+def gradient_variance(model, tok, task, teacher, rng, device, logger, args):
+    """Claim C2, at the base and without a step: both estimators' gradients on the same batches; logs
+    each one's variance across batches (summed over parameters, before clipping) and its mean's norm."""
+    grads = {"sampled": [], "full": []}
+    for _ in range(args.grad_var_batches):
+        examples = task.sample(rng, args.prompts_per_step)
+        rollout, _ = tt.rollout_groups(model, tok, task, examples, args.group_size, args, device)
+        teacher_logp_all = teacher_logprobs(teacher, rollout)
+        for estimator, g in grads.items():
+            model.zero_grad()
+            distill_loss(model, rollout, teacher_logp_all, estimator)[0].backward()
+            g.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    g = {estimator: torch.stack(v) for estimator, v in grads.items()}  # (batches, parameters) each
+    logger.info("grad", sampled_var=g["sampled"].var(0).sum(), full_var=g["full"].var(0).sum(),
+                sampled_mean_norm=g["sampled"].mean(0).norm(), full_mean_norm=g["full"].mean(0).norm(),
+                cos_of_means=torch.cosine_similarity(g["sampled"].mean(0), g["full"].mean(0), 0))
+
+
+def check_args(args):
+    tt.check_common_args(args, min_group=1)  # no baseline: one completion per prompt is enough
+    if args.estimator not in ("sampled", "full"):
+        tt.fail(f"--estimator {args.estimator!r} is unknown; choose sampled or full")
+    if args.model and not args.teacher:
+        tt.fail("--model needs a --teacher with the same vocabulary (the tiny teacher has the tiny student's)")
+    if not args.teacher and args.teacher_steps < 1:
+        tt.fail(f"--teacher_steps must be a positive whole number, got {args.teacher_steps}")
+    if not 0 <= args.teacher_min_acc <= 1:
+        tt.fail(f"--teacher_min_acc must lie in [0, 1], got {args.teacher_min_acc}")
+    if args.grad_var_batches < 0 or args.grad_var_batches == 1:
+        tt.fail(f"--grad_var_batches must be 0 (train) or at least 2 (a variance), got {args.grad_var_batches}")
+
+
+# TRY NOT TO MODIFY: the loop every file shares.
+
+
+def main():
+    args = tt.parse_args(Args)
+    check_args(args)
+    task, model, tok, device, logger, rng = tt.setup(args)
+    teacher, record = tt.load_teacher(args, task, tok, model, device)  # frozen, checked, from its own seeds
+    logger.info("teacher", **record)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    base_acc, exact, test_entropy = tt.evaluate(model, tok, task, device, args.max_new_tokens)
+    logger.eval(0, base_acc, exact, entropy=test_entropy)
+    if args.grad_var_batches:
+        return gradient_variance(model, tok, task, teacher, rng, device, logger, args)
+
+    for step in range(1, args.steps + 1):
+        examples = task.sample(rng, args.prompts_per_step)
+        rollout, rewards = tt.rollout_groups(model, tok, task, examples, args.group_size, args, device)
+        teacher_logp_all = teacher_logprobs(teacher, rollout)  # (N, T, V); the rewards are only logged
+        loss, stats, entropy, teaching = update(model, optimizer, rollout, teacher_logp_all, step, args)
+        grad_norm = stats.pop("grad_norm")
+        logger.step(step, reward=rewards.mean(), loss=loss, entropy=entropy, **stats,
+                    grad_norm=grad_norm, len=rollout.lengths.mean(), gen_tokens=int(rollout.lengths.sum()), **teaching)
+        if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
+            test_acc, exact, test_entropy = tt.evaluate(model, tok, task, device, args.max_new_tokens)
+            logger.eval(step, test_acc, exact, entropy=test_entropy)
+    logger.final(test_acc, exact, base_acc)
+
+
+if __name__ == "__main__":
+    main()
