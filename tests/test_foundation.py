@@ -158,8 +158,9 @@ def test_char_accuracy_and_rewards():
     assert add.reward("41", tt.Example("37+5=", "42", "42")) == 0.0
     assert all(int(a) <= 99 and int(b) <= 9 and int(a) + int(b) == int(ex.answer)
                for ex in add.test for a, b in [ex.prompt[:-1].split("+")])
-    vec = tt.make_task("reverse").reward_vector("fexcxx", tt.Example("abcdef=", "fedcba", "fedcba"))
-    assert vec == [1.0, 0.5, 0.0]  # slices "fe" / "dc" / "ba" against "fe" / "xc" / "xx": 2/2, 1/2, 0/2
+    sets = tt.AnswerSetTask(m=3)  # vector rewards: a (quality, brevity) row per answer, 0 for a copy
+    rows = sets.rewards(["fed|f|fed"], [tt.Example("|abcdef=", "fedcba", "fedcba")])[0].tolist()
+    assert rows == [pytest.approx([0.5, 0.75]), pytest.approx([1 / 6, 35 / 36]), [0.0, 0.0]]
 
 
 def test_tasks_are_seeded_and_never_train_on_the_test_set():
