@@ -209,8 +209,8 @@ def test_evaluate_counts_answers_not_completions(monkeypatch):
 # The file as a user runs it.
 
 
-@pytest.mark.parametrize("extra", [[], ["--set_score", "sum"], ["--set_score", "max"], ["--m", "1"],
-                                   ["--m", "1", "--set_score", "vpo"]])
+@pytest.mark.parametrize("extra", [[], ["--set_score", "sum"], ["--set_score", "max"],
+                                   ["--m", "1", "--set_score", "max"], ["--m", "1"]])
 def test_two_steps_end_to_end(run_fast, extra, tmp_path):
     p = run_fast("minimal_vpo.py", *FAST, *extra)
     assert p.returncode == 0, p.stderr
