@@ -2,16 +2,22 @@
 and one table.
 
     uv run compare.py --methods grpo,tpo --seeds 3
+    uv run compare.py --preset tokrev            # the published token-reversal table (README)
+    uv run compare.py --own_defaults --seeds 3   # every file with its own defaults: the spread to expect
 
 Every `minimal_NAME.py` at the top level is a method called NAME: a new file joins without any
 change here. Each method x seed runs as its own process, exactly as a user would run the file,
 with --log_jsonl; runs go two at a time (one thread each) so both CPU cores are busy. The shared
 budget (steps, prompts per step, group size, inner epochs) is passed to every method that has the
-flag; what a method cannot share is printed before anything runs.
+flag; what a method cannot share is printed before anything runs. --extra passes more flags to every
+run, --per_method to one method only. A preset is a named set of these defaults.
 
-Into --out it writes NAME_seedS.jsonl per run, compare.png (held-out accuracy, entropy and clip
-fraction against step: mean +- standard error across seeds) and compare.md (final test accuracy
-mean +- std, the first step at which entropy falls to 0.1 or below, wall time per run).
+Into --out it writes NAME_seedS.jsonl per run, compare.png (held-out test_acc, sampling entropy and
+clip fraction against step, or against generated tokens with --x gen_tokens: mean +- standard error
+across seeds) and compare.md (final test_acc, or test error with --error, mean +- std; the first step
+at which the sampling entropy, and the first evaluation at which the held-out entropy, falls to 0.1 or
+below; wall time per run). A file whose test_acc is not greedy per-character accuracy says so in a
+module constant TEST_METRIC, and the table then names each row's metric.
 """
 import argparse
 import dataclasses
@@ -29,7 +35,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 SHARED = ["steps", "prompts_per_step", "group_size", "epochs"]  # the budget every method should share
 ENTROPY_FLOOR = 0.1
-PRESETS = {}  # name -> defaults for the flags of main(), e.g. a published setting to reproduce
+# name -> defaults for the flags of main(), e.g. a published setting to reproduce
+PRESETS = {
+    # rl-experiments' token reversal (METHODS.md section 11): 10 symbols over 2 letters from random
+    # weights, 96 completions a step (12 prompts x 8), lr 1e-3, grad clip 1, 300 steps, 4 inner epochs,
+    # evaluation every 20 steps, 3 seeds. The source's GRPO penalises k3 to pi_old, not to a frozen
+    # reference (README: Reproducing the published table), hence --beta 0 for ours.
+    "tokrev": dict(methods="tpo,dg,grpo", seeds=3, steps=300, prompts_per_step=12, group_size=8, epochs=4,
+                   extra="--task tokrev --lr 1e-3 --max_grad_norm 1 --eval_every 20", per_method="grpo: --beta 0",
+                   error=True, out="runs/tokrev"),
+}
 DEFAULT_METRIC = "greedy per-character accuracy"  # what test_acc is, unless a file says otherwise
 
 
@@ -90,12 +105,18 @@ def cumulative_tokens(logs, steps):
 
 
 def summarise(logs):
-    """One table row's numbers for one method: dict of final accuracy, entropy-collapse steps, times."""
+    """One table row's numbers for one method: dict of final accuracy, entropy-collapse steps, times.
+    Two entropies: the sampling entropy of the step lines (every step, on training completions) and
+    the held-out entropy of the eval lines (every --eval_every steps, along greedy completions of the
+    test prompts: what rl-experiments reports)."""
     finals = [log["final"]["test_acc"] for log in logs]
     collapse = [first_at_or_below([r["step"] for r in log["step"]], [r["entropy"] for r in log["step"]])
                 for log in logs]
+    held_out = [first_at_or_below([r["step"] for r in log["eval"]], [r.get("entropy", 1.0) for r in log["eval"]])
+                for log in logs]
     return {"test_acc": mean_std_se(finals), "base_acc": mean_std_se([log["final"]["base_acc"] for log in logs]),
-            "collapse": collapse, "time_s": mean_std_se([log["wall_s"] for log in logs]), "seeds": len(logs)}
+            "collapse": collapse, "collapse_eval": held_out, "time_s": mean_std_se([log["wall_s"] for log in logs]),
+            "seeds": len(logs)}
 
 
 def collapse_cell(collapse):
@@ -107,16 +128,20 @@ def collapse_cell(collapse):
     return text if len(hit) == len(collapse) else f"{text} ({len(hit)} of {len(collapse)} seeds; others never)"
 
 
-def markdown_table(summaries, metrics=None):
+def markdown_table(summaries, metrics=None, error=False):
     """One row per method. When the methods' test_acc measure different things (metrics: {name: what
-    test_acc is}), a column says which, so that no reader compares them as one number."""
+    test_acc is}), a column says which, so that no reader compares them as one number. error=True
+    reports the final test error, 1 - test_acc, as rl-experiments does (the same spread)."""
     metrics = metrics or {}
     mixed = len({metrics.get(name, DEFAULT_METRIC) for name in summaries}) > 1
-    rows = ["| method | final test_acc (mean ± std) | base_acc | first step with entropy ≤ 0.1 | wall time per run (s) | seeds |"
-            + (" test_acc is |" if mixed else ""), "|---|---|---|---|---|---|" + ("---|" if mixed else "")]
+    final = "final test error (mean ± std)" if error else "final test_acc (mean ± std)"
+    rows = [f"| method | {final} | base_acc | first step with sampling entropy ≤ 0.1 | first eval with held-out "
+            "entropy ≤ 0.1 | wall time per run (s) | seeds |" + (" test_acc is |" if mixed else ""),
+            "|---|---|---|---|---|---|---|" + ("---|" if mixed else "")]
     for name, s in summaries.items():
         (m, sd, _), (b, _, _), (t, _, _) = s["test_acc"], s["base_acc"], s["time_s"]
-        rows.append(f"| {name} | {m:.3f} ± {sd:.3f} | {b:.3f} | {collapse_cell(s['collapse'])} | {t:.0f} | {s['seeds']} |"
+        rows.append(f"| {name} | {1 - m if error else m:.3f} ± {sd:.3f} | {b:.3f} | {collapse_cell(s['collapse'])} | "
+                    f"{collapse_cell(s['collapse_eval'])} | {t:.0f} | {s['seeds']} |"
                     + (f" {metrics.get(name, DEFAULT_METRIC)} |" if mixed else ""))
     return "\n".join(rows) + "\n"
 
@@ -164,6 +189,17 @@ def method_metric(file):
     return getattr(importlib.import_module(Path(file).stem), "TEST_METRIC", DEFAULT_METRIC)
 
 
+def parse_per_method(text, chosen):
+    """'grpo: --beta 0; tpo: --eta 2' -> {"grpo": ["--beta", "0"], "tpo": ["--eta", "2"]}."""
+    out = {}
+    for part in filter(str.strip, text.split(";")):
+        name, _, flags = part.partition(":")
+        if name.strip() not in chosen:
+            sys.exit(f"error: --per_method names {name.strip()!r}, which is not among --methods")
+        out[name.strip()] = flags.split()
+    return out
+
+
 def run_one(file, seed, budget, extra, log_path):
     cmd = [sys.executable, file, "--seed", str(seed), "--log_jsonl", str(log_path)]
     for k, v in budget.items():
@@ -189,6 +225,10 @@ def main(argv=None):
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (one CPU thread each)")
     ap.add_argument("--out", default="runs/compare", help="folder for the logs, figure and table")
     ap.add_argument("--extra", default="", help="more flags passed to every run, e.g. '--warmup_steps 2 --eval_every 1'")
+    ap.add_argument("--own_defaults", action="store_true",
+                    help="run every method with its own default budget instead of the shared one above")
+    ap.add_argument("--error", action="store_true", help="report the final test error, 1 - test_acc")
+    ap.add_argument("--per_method", default="", help="flags for one method only, e.g. 'grpo: --beta 0; tpo: --eta 2'")
     ap.add_argument("--x", default="step", choices=["step", "gen_tokens"],
                     help="x-axis of the figure: RL step, or generated tokens summed over the run so far")
     ap.add_argument("--preset", default="", choices=[""] + list(PRESETS),
@@ -208,12 +248,13 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
+    per_method = parse_per_method(args.per_method, chosen)
     budgets = {}
     for name in chosen:
         flags = method_flags(methods[name])
-        budgets[name] = {k: getattr(args, k) for k in SHARED if k in flags}
+        budgets[name] = {} if args.own_defaults else {k: getattr(args, k) for k in SHARED if k in flags}
         missing = [k for k in SHARED if k not in flags]
-        if missing:
+        if missing and not args.own_defaults:
             print(f"{name}: cannot share --{', --'.join(missing)} (the method has no such setting)")
     jobs = [(name, seed) for name in chosen for seed in range(args.seeds)]
     print(f"{len(jobs)} runs ({len(chosen)} methods x {args.seeds} seeds), {args.jobs} at a time, into {out}/", flush=True)
@@ -223,7 +264,7 @@ def main(argv=None):
     def work(job):
         name, seed = job
         log_path = out / f"{name}_seed{seed}.jsonl"
-        wall = run_one(methods[name], seed, budgets[name], args.extra.split(), log_path)
+        wall = run_one(methods[name], seed, budgets[name], args.extra.split() + per_method.get(name, []), log_path)
         return name, seed, log_path, wall
 
     logs = {name: [] for name in chosen}
@@ -237,7 +278,7 @@ def main(argv=None):
                   f"in {wall:.0f} s (elapsed {time.time() - start:.0f} s)", flush=True)
 
     metrics = {name: method_metric(methods[name]) for name in chosen}
-    table = markdown_table({name: summarise(runs) for name, runs in logs.items()}, metrics)
+    table = markdown_table({name: summarise(runs) for name, runs in logs.items()}, metrics, error=args.error)
     (out / "compare.md").write_text(table)
     plot(logs, out / "compare.png", x=args.x, metrics=metrics)
     print(table)

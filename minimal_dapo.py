@@ -218,8 +218,8 @@ def main():
     check_args(args)
     task, model, tok, device, logger, rng = tt.setup(args)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    base_acc, exact = tt.evaluate(model, tok, task, device, args.max_new_tokens)
-    logger.eval(0, base_acc, exact)
+    base_acc, exact, test_entropy = tt.evaluate(model, tok, task, device, args.max_new_tokens)
+    logger.eval(0, base_acc, exact, entropy=test_entropy)
 
     for step in range(1, args.steps + 1):
         rollout, rewards, sampling = dynamic_sample(model, tok, task, rng, step, args, device)
@@ -235,8 +235,8 @@ def main():
                     len_wrong=tt.mean_length_wrong(rollout, rewards), kept=sampling["kept"],
                     rounds=sampling["rounds"], overlong=(penalty < 0).float().mean())
         if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
-            test_acc, exact = tt.evaluate(model, tok, task, device, args.max_new_tokens)
-            logger.eval(step, test_acc, exact)
+            test_acc, exact, test_entropy = tt.evaluate(model, tok, task, device, args.max_new_tokens)
+            logger.eval(step, test_acc, exact, entropy=test_entropy)
     logger.final(test_acc, exact, base_acc)
 
 

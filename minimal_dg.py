@@ -205,8 +205,8 @@ def main():
     check_args(args)
     task, model, tok, device, logger, rng = tt.setup(args)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    base_acc, exact = tt.evaluate(model, tok, task, device, args.max_new_tokens)
-    logger.eval(0, base_acc, exact)
+    base_acc, exact, test_entropy = tt.evaluate(model, tok, task, device, args.max_new_tokens)
+    logger.eval(0, base_acc, exact, entropy=test_entropy)
 
     for step in range(1, args.steps + 1):
         examples = task.sample(rng, args.prompts_per_step)
@@ -217,8 +217,8 @@ def main():
         logger.step(step, reward=rewards.mean(), loss=loss, entropy=entropy, **stats,
                     grad_norm=grad_norm, len=rollout.lengths.mean(), gen_tokens=int(rollout.lengths.sum()), gate=gate, kept=kept)
         if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
-            test_acc, exact = tt.evaluate(model, tok, task, device, args.max_new_tokens)
-            logger.eval(step, test_acc, exact)
+            test_acc, exact, test_entropy = tt.evaluate(model, tok, task, device, args.max_new_tokens)
+            logger.eval(step, test_acc, exact, entropy=test_entropy)
     logger.final(test_acc, exact, base_acc)
 
 

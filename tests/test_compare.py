@@ -20,17 +20,18 @@ def test_first_step_at_or_below_threshold():
     assert compare.first_at_or_below(steps, entropy, 0.01) is None
 
 
-def write_log(path, entropies, accs, final_acc, base=0.5, tokens=100.0):
-    lines = [{"kind": "eval", "step": 0, "test_acc": base, "exact": 0.0}]
-    for i, (e, a) in enumerate(zip(entropies, accs), start=1):
+def write_log(path, entropies, accs, final_acc, base=0.5, tokens=100.0, held_out=None):
+    lines = [{"kind": "eval", "step": 0, "test_acc": base, "exact": 0.0, "entropy": 1.0}]
+    held_out = held_out or [1.0] * len(entropies)
+    for i, (e, a, h) in enumerate(zip(entropies, accs, held_out), start=1):
         lines.append({"kind": "step", "step": i, "entropy": e, "clip_frac": 0.1, "gen_tokens": tokens * i})
-        lines.append({"kind": "eval", "step": i, "test_acc": a, "exact": 0.0})
+        lines.append({"kind": "eval", "step": i, "test_acc": a, "exact": 0.0, "entropy": h})
     lines.append({"kind": "final", "test_acc": final_acc, "exact": 0.0, "base_acc": base, "time_s": 1.0})
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
 
 
 def test_summary_curves_and_table(tmp_path):
-    write_log(tmp_path / "a.jsonl", [0.5, 0.08, 0.05], [0.6, 0.7, 0.8], 0.8)
+    write_log(tmp_path / "a.jsonl", [0.5, 0.08, 0.05], [0.6, 0.7, 0.8], 0.8, held_out=[0.5, 0.2, 0.1])
     write_log(tmp_path / "b.jsonl", [0.5, 0.3, 0.09], [0.6, 0.9, 1.0], 1.0)
     logs = [compare.read_log(tmp_path / "a.jsonl"), compare.read_log(tmp_path / "b.jsonl")]
     for log, wall in zip(logs, (10.0, 20.0)):
@@ -40,8 +41,10 @@ def test_summary_curves_and_table(tmp_path):
     assert se[2] == pytest.approx(math.sqrt(0.02) / math.sqrt(2))  # values 0.7 and 0.9: std 0.141421
     s = compare.summarise(logs)
     assert s["collapse"] == [2, 3] and s["test_acc"][0] == pytest.approx(0.9) and s["time_s"][0] == 15.0
+    assert s["collapse_eval"] == [3, None]  # held-out entropy: 0.1 at step 3 in a, never in b
     table = compare.markdown_table({"x": s})
-    assert "| x | 0.900 ± 0.141 | 0.500 | 2 ± 1 | 15 | 2 |" in table
+    assert "| x | 0.900 ± 0.141 | 0.500 | 2 ± 1 | 3 (1 of 2 seeds; others never) | 15 | 2 |" in table
+    assert "| x | 0.100 ± 0.141 |" in compare.markdown_table({"x": s}, error=True)  # error = 1 - acc
     assert compare.collapse_cell([None, None]) == "never"
     assert compare.collapse_cell([4, None]) == "4 (1 of 2 seeds; others never)"
 
@@ -72,6 +75,17 @@ def test_tiny_comparison_end_to_end(run, tmp_path):
     table = (tmp_path / "compare.md").read_text()
     assert table.count("\n") == 4 and "| pg |" in table and "| grpo |" in table
     assert (tmp_path / "grpo_seed0.jsonl").exists()
+
+
+def test_per_method_flags_and_presets():
+    assert compare.parse_per_method("grpo: --beta 0; tpo: --eta 2", ["grpo", "tpo"]) == {
+        "grpo": ["--beta", "0"], "tpo": ["--eta", "2"]}
+    with pytest.raises(SystemExit) as e:
+        compare.parse_per_method("dapo: --max_rounds 3", ["grpo"])
+    assert "--per_method" in str(e.value.code)
+    tokrev = compare.PRESETS["tokrev"]  # the published budget (METHODS.md section 11)
+    assert (tokrev["steps"], tokrev["prompts_per_step"] * tokrev["group_size"], tokrev["epochs"]) == (300, 96, 4)
+    assert "--task tokrev" in tokrev["extra"] and "--eval_every 20" in tokrev["extra"]
 
 
 def test_unknown_method_fails_cleanly():

@@ -16,7 +16,7 @@ import minimal_drgrpo as drgrpo  # noqa: E402
 import minimal_grpo as grpo  # noqa: E402
 import toy_tasks as tt  # noqa: E402
 
-FAST = ["--steps", 2, "--warmup_steps", 2, "--eval_every", 0]
+FAST = ["--steps", 2, "--warmup_steps", 2, "--eval_every", 0, "--prompts_per_step", 4]
 SHARED_KEYS = ["step", "reward", "loss", "entropy", "ratio", "clip_frac", "kl", "grad_norm", "len",
                "gen_tokens"]
 

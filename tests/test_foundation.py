@@ -12,7 +12,7 @@ import minimal_pg as pg
 import toy_tasks as tt
 
 SCRIPTS = ["minimal_pg.py", "minimal_grpo.py"]
-FAST = ["--steps", 2, "--warmup_steps", 2, "--eval_every", 0]
+FAST = ["--steps", 2, "--warmup_steps", 2, "--eval_every", 0, "--prompts_per_step", 4]
 
 
 # ---------------------------------------------------------------------------------------------
