@@ -13,7 +13,6 @@ the group z-score of the best of its own answers under a random weighting, avera
 
 A_i goes on every token of completion i, separators included; the clipped update is GRPO's. Sharing
 the draws within a group compares its completions on the same w (common random numbers).
-
 The toy: reverse, each answer t scored (quality, brevity) = (char_accuracy(t, reverse(s)), 1 - min(|t|/n,
 1)^2). A correct prefix of x n characters scores (x, 1 - x^2), a concave front: no answer is best for
 every weighting, and each weighting prefers its own length (n = 4, under w_gold = (0.5, 0.5)):
@@ -21,31 +20,21 @@ every weighting, and each weighting prefers its own length (n = 4, under w_gold 
     prefix length j       1              2              3              4
     (quality, brevity)    (.25, .94)     (.50, .75)     (.75, .44)     (1, 0)
     w_gold score          .594           .625 (best)    .594           .500
+One answer is best at the half prefix (0.625 under w_gold, 0.5 under w = (1, 0)); a set can hold several
+points of the front: "d|db|dbac" scores E_w max 0.765 at n = 4, and 1.0 under (1, 0). Ideal policies on
+the test strings (n = 3..6) reach E_w best@3 0.725 (VPO: one character | half | all), 0.688 (sum: three
+lengths near the middle) and 0.621 (m = 1); under w_gold all three are within 0.01 of 0.62 at k >= 3.
+Baselines are flags, on the same base and evaluation: --set_score sum (the repo's Multi-RLVR: the answers'
+w_gold scores added, copies and blanks earning 0), --set_score max (the best answer under w_gold), --m 1
+--set_score max (GRPO on w_gold . r) and --m 1 (GRPO on one random weighting per group).
+The base warms up 70 steps on both formats, half of each batch each, "cabd=" -> "dbac" and "|cabd=" ->
+"dbac|dbac|dbac" (collapsed sets, like an LLM repeating itself): BASE.
 
-One answer (GRPO on w_gold) is best at the half prefix: 0.625 under w_gold, 0.5 under w = (1, 0). A set
-can hold several points of the front: "d|db|dbac" has E_w max 0.765 at n = 4 and 1.0 under (1, 0). With
-the evaluation below, ideal policies on the test strings (n = 3..6) reach E_w best@3 0.725 (VPO: one
-character | half | all), 0.688 (--set_score sum: three distinct lengths near the middle) and 0.621
-(--m 1), and best@9 0.764 / 0.711 / 0.621; at k >= 3 under w_gold all three are within 0.01 of 0.62.
-
-Baselines are flags, on the same base and evaluation: --set_score sum (the repo's Multi-RLVR: the
-answers' w_gold scores added, copies and blanks earning 0), --set_score max (best answer under
-w_gold), --m 1 (GRPO on w_gold . r) and --m 1 --set_score vpo (GRPO on a random weighting per group).
-
-The base: the answer-set task warms up on both formats, half of each batch in each: "cabd=" -> "dbac"
-and "|cabd=" -> "dbac|dbac|dbac" (a base that repeats itself when asked for several answers). Its 70
-steps give a plain-format greedy accuracy of 0.556 / 0.596 / 0.740 (seeds 0-2; reverse's 40-step
-base: 0.577 / 0.649 / 0.561); 60 steps gave 0.528 / 0.474 / 0.609. Every m starts from this base.
-
-test_acc here is not a per-character accuracy: per test prompt, 9 answers are pooled from completions
-sampled at temperature 0.7 (3 for m = 3, 9 for m = 1: k counts answers, as in the paper), and test_acc
-is the expected best of 3 of them, averaged over 100 fixed weights w ~ Dirichlet(1). best_at_k computes
-the expectation over random 3-subsets exactly where the repo draws one random order.
-
-Departures from the paper, each deliberate: GRPO's 4 inner epochs, beta = 0.04 (k3) and per-sequence
-token mean, where the paper takes 1 epoch, a k3 KL of 1e-3 and a token mean over the batch (--epochs
-1 --beta 0.001 on seed 0: EPOCHS1); eps 1e-4 in the z-score (repo: 1e-6); no dual clip. 60 steps,
-not GRPO's 100: a completion here is 3 times as long, and 60 steps cost TIMING.
+test_acc is not a per-character accuracy: per test prompt, 9 answers are pooled from completions sampled
+at temperature 0.7 (3 for m = 3, 9 for m = 1: k counts answers, as in the paper), and test_acc is the
+expected best of 3 of them (exact over the 3-subsets), averaged over 100 fixed w ~ Dirichlet(1).
+Departures, deliberate: GRPO's 4 epochs, beta 0.04 and per-sequence token mean (paper: 1 epoch, k3 1e-3,
+batch token mean; EPOCHS1); eps 1e-4 (repo 1e-6); no dual clip; 60 steps, as completions are 3x longer.
 
 Run: uv run minimal_vpo.py          (flags: uv run minimal_vpo.py --help)
 """
@@ -207,9 +196,8 @@ def check_args(args):
         tt.fail(f"--beta must not be negative, got {args.beta}")
     if args.task != "reverse" or args.binary:
         tt.fail("--task must be reverse and --binary off: the (quality, brevity) reward is defined on reverse")
-    for name in ("m", "n_weights"):
-        if getattr(args, name) < 1:
-            tt.fail(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.m < 1 or args.n_weights < 1:
+        tt.fail(f"--m and --n_weights must be at least 1, got {args.m} and {args.n_weights}")
     need = tt.AnswerSetTask(m=args.m).tokens_needed()
     if args.max_new_tokens < need:
         tt.fail(f"--max_new_tokens {args.max_new_tokens} cannot fit {args.m} answers of up to 6 characters, "
@@ -247,10 +235,10 @@ def set_diversity(R):
 
 @torch.no_grad()
 def evaluate(model, tok, task, device, args):
-    """Held-out test-time search. Per test prompt, sample eval_answers / m completions at the paper's
-    temperature 0.7 and pool their eval_answers answers; k in best@k counts answers, so one VPO
-    completion (m answers) weighs as much as m single-answer ones. A copy is a real answer here; blanks
-    and cut-off answers score 0. Returns (test_acc = E_w best@3, exact, {metric: value})."""
+    """Held-out test-time search: per test prompt, eval_answers / m completions sampled at temperature 0.7,
+    their answers pooled (k in best@k counts answers: one VPO completion weighs as much as m single-answer
+    ones; a copy counts here, blanks and cut-off answers score 0). Returns (test_acc = E_w best@3, exact,
+    the policy's entropy at temperature 1 along the samples, {metric: value})."""
     chains = args.eval_answers // args.m
     examples = [ex for ex in task.test for _ in range(chains)]
     ids, mask = tt.encode(tok, [ex.prompt for ex in examples], device)
@@ -258,6 +246,7 @@ def evaluate(model, tok, task, device, args):
     with torch.random.fork_rng():  # a fixed stream of its own: evaluating never shifts the training run
         torch.manual_seed(12345)
         rollout = tt.sample(model, tok, ids, mask, args.max_new_tokens, args.eval_temperature)
+    entropy = tt.masked_mean(tt.token_logprobs(model, rollout, temperature=1.0)[1], rollout.completion_mask)
     model.train()
     done = list(zip(rollout.texts, examples, rollout.truncated.tolist()))
     R = torch.tensor([task.reward_matrix(t, ex, cut, dedup=False) for t, ex, cut in done])  # (N, m, 2)
@@ -272,7 +261,7 @@ def evaluate(model, tok, task, device, args):
     for a in range(args.m):  # each slot's mean answer length over n: VPO's ideal is about (1/n, 1/2, 1)
         found[f"slot{a + 1}"] = sum(len(p[a]) / len(ex.answer) for p, (_, ex, _) in zip(parts, done)) / len(done)
     exact = sum(a == ex.answer for p, (_, ex, _) in zip(parts, done) for a in p) / (len(done) * args.m)
-    return found.pop("best@3"), exact, found
+    return found.pop("best@3"), exact, float(entropy), found
 
 
 # TRY NOT TO MODIFY: the loop every file shares.
@@ -284,8 +273,8 @@ def main():
     task, model, tok, device, logger, rng = tt.setup(args, tt.AnswerSetTask(m=args.m))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # the frozen base, for the KL term
-    base_acc, exact, found = evaluate(model, tok, task, device, args)
-    logger.eval(0, base_acc, exact, **{k: found[k] for k in ON_EVAL_LINE})
+    base_acc, exact, test_entropy, found = evaluate(model, tok, task, device, args)
+    logger.eval(0, base_acc, exact, entropy=test_entropy, **{k: found[k] for k in ON_EVAL_LINE})
 
     for step in range(1, args.steps + 1):
         examples = task.sample(rng, args.prompts_per_step)
@@ -302,8 +291,8 @@ def main():
                     grad_norm=grad_norm, len=rollout.lengths.mean(), gen_tokens=int(rollout.lengths.sum()),
                     answers=(R.abs().sum(-1) > 0).sum(-1).float().mean(), diversity=set_diversity(R.flatten(0, 1)))
         if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
-            test_acc, exact, found = evaluate(model, tok, task, device, args)
-            logger.eval(step, test_acc, exact, **{k: found[k] for k in ON_EVAL_LINE})
+            test_acc, exact, test_entropy, found = evaluate(model, tok, task, device, args)
+            logger.eval(step, test_acc, exact, entropy=test_entropy, **{k: found[k] for k in ON_EVAL_LINE})
     logger.final(test_acc, exact, base_acc, **found)
 
 

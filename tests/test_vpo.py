@@ -168,8 +168,14 @@ def stub_sampler(texts, truncated):
     def sample(model, tok, ids, mask, max_new_tokens, temperature=1.0, greedy=False):
         n = ids.size(0)
         assert n == len(texts) and temperature == 0.7
-        return SimpleNamespace(texts=texts, truncated=torch.tensor(truncated))
+        return SimpleNamespace(texts=texts, truncated=torch.tensor(truncated), completion_mask=torch.ones(n, 2))
     return sample
+
+
+def stub_scorer(model, rollout, temperature=None):
+    """Stands in for tt.token_logprobs: an entropy of 0.5 at every position, scored at temperature 1."""
+    assert temperature == 1.0
+    return None, torch.full_like(rollout.completion_mask, 0.5)
 
 
 def test_evaluate_counts_answers_not_completions(monkeypatch):
@@ -179,9 +185,11 @@ def test_evaluate_counts_answers_not_completions(monkeypatch):
     tok = tt.build_char_tokenizer(task.alphabet)
     texts = ["dbac|db|d", "db|db|db", "dbac|dbacdbac"]  # the last is cut off: "dbacdbac" scores 0
     monkeypatch.setattr(tt, "sample", stub_sampler(texts, [False, False, True]))
+    monkeypatch.setattr(tt, "token_logprobs", stub_scorer)
     model = SimpleNamespace(eval=lambda: None, train=lambda: None)
     args = SimpleNamespace(m=3, eval_answers=9, max_new_tokens=24, eval_temperature=0.7, w_gold=0.5)
-    test_acc, exact, found = vpo.evaluate(model, tok, task, "cpu", args)
+    test_acc, exact, entropy, found = vpo.evaluate(model, tok, task, "cpu", args)
+    assert entropy == pytest.approx(0.5)
     # pool of 9 answers, gold scores: dbac .5, db .625, d .59375 | db .625 x3 (copies count here) |
     # dbac .5, blank 0, blank 0. Sorted: 0, 0, .5, .5, .59375, .625, .625, .625, .625
     gold = torch.tensor([[0.5, 0.625, 0.59375, 0.625, 0.625, 0.625, 0.5, 0.0, 0.0]])
@@ -200,7 +208,7 @@ def test_evaluate_counts_answers_not_completions(monkeypatch):
     task1.test = [tt.Example("cabd=", "dbac", "dbac")]
     monkeypatch.setattr(tt, "sample", stub_sampler(["db"] * 9, [False] * 9))
     args1 = SimpleNamespace(m=1, eval_answers=9, max_new_tokens=24, eval_temperature=0.7, w_gold=0.5)
-    test_acc, exact, found = vpo.evaluate(model, tok, task1, "cpu", args1)
+    test_acc, exact, _, found = vpo.evaluate(model, tok, task1, "cpu", args1)
     assert test_acc == pytest.approx(0.625, abs=0.02)  # E_w over 100 draws of w . (0.5, 0.75), about 0.625
     assert found["gold@9"] == pytest.approx(0.625) and found["diversity"] == 0 and exact == 0
 
@@ -217,7 +225,7 @@ def test_two_steps_end_to_end(run_fast, extra, tmp_path):
     lines = p.stdout.strip().splitlines()
     keys = [kv.split("=")[0] for kv in lines[1].split()]
     assert keys == SHARED_KEYS + ["answers", "diversity"]  # the shared keys first, the method's own after
-    assert lines[0].startswith("eval step=0 test_acc=") and " best@9=" in lines[0]
+    assert lines[0].startswith("eval step=0 test_acc=") and " best@9=" in lines[0] and " entropy=" in lines[0]
     final = lines[-1]
     assert final.startswith("final test_acc=") and " base_acc=" in final and " time_s=" in final
     m = 1 if "--m" in extra else 3
