@@ -24,11 +24,11 @@ One answer is best at the half prefix (0.625 under w_gold, 0.5 under w = (1, 0))
 points of the front: "d|db|dbac" scores E_w max 0.765 at n = 4, and 1.0 under (1, 0). Ideal policies on
 the test strings (n = 3..6) reach E_w best@3 0.725 (VPO: one character | half | all), 0.688 (sum: three
 lengths near the middle) and 0.621 (m = 1); under w_gold all three are within 0.01 of 0.62 at k >= 3.
-Baselines are flags, on the same base and evaluation: --set_score sum (the repo's Multi-RLVR: the answers'
-w_gold scores added, copies and blanks earning 0), --set_score max (the best answer under w_gold), --m 1
---set_score max (GRPO on w_gold . r) and --m 1 (GRPO on one random weighting per group).
-The base warms up 70 steps on both formats, half of each batch each, "cabd=" -> "dbac" and "|cabd=" ->
-"dbac|dbac|dbac" (collapsed sets, like an LLM repeating itself): BASE.
+Baselines, flags on the same base and evaluation: --set_score sum (the repo's Multi-RLVR: the w_gold
+scores of the distinct answers added), --set_score max (the best answer under w_gold), --m 1 --set_score
+max (GRPO on w_gold . r) and --m 1 (GRPO on one random weighting per group). The base: 70 warm-up steps,
+half of each batch "cabd=" -> "dbac", half "|cabd=" -> "dbac|dbac|dbac" (collapsed sets, like an LLM
+repeating itself); plain-format greedy accuracy 0.556 / 0.596 / 0.740, seeds 0-2 (reverse's: .577 / .649 / .561).
 
 test_acc is not a per-character accuracy: per test prompt, 9 answers are pooled from completions sampled
 at temperature 0.7 (3 for m = 3, 9 for m = 1: k counts answers, as in the paper), and test_acc is the

@@ -365,7 +365,10 @@ ALL_SCRIPTS = sorted(p.name for p in Path(__file__).resolve().parents[1].glob("m
 # The final test_acc each default run must reach, from a base at or below 0.6. PG, one plain REINFORCE
 # step per batch and no KL anchor, is the slowest and noisiest learner: its 200-step default ended
 # between 0.87 and 0.97 over seeds 0-2 with 1 or 2 CPU threads, so its floor is lower.
-FLOOR = {"minimal_pg.py": 0.85}
+# minimal_vpo.py's test_acc is E_w best@3 of sampled answers (its TEST_METRIC), not a per-character
+# accuracy: its base scores 0.34, an ideal GRPO policy (always the w_gold-best half-length answer) 0.621,
+# and its default reached 0.676 (seed 0, one thread)
+FLOOR = {"minimal_pg.py": 0.85, "minimal_vpo.py": 0.64}
 
 
 @pytest.mark.slow
