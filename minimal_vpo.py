@@ -33,8 +33,8 @@ repeating itself); plain-format greedy accuracy 0.556 / 0.596 / 0.740, seeds 0-2
 test_acc is not a per-character accuracy: per test prompt, 9 answers are pooled from completions sampled
 at temperature 0.7 (3 for m = 3, 9 for m = 1: k counts answers, as in the paper), and test_acc is the
 expected best of 3 of them (exact over the 3-subsets), averaged over 100 fixed w ~ Dirichlet(1).
-Departures, deliberate: GRPO's 4 epochs, beta 0.04 and per-sequence token mean (paper: 1 epoch, k3 1e-3,
-batch token mean; EPOCHS1); eps 1e-4 (repo 1e-6); no dual clip; 60 steps, as completions are 3x longer.
+Departures: the parent's 4 epochs, beta 0.04 and per-sequence token mean, kept so that the diff is VPO alone
+(paper: 1 epoch, k3 1e-3, batch token mean); eps 1e-4 (repo 1e-6); no dual clip; 60 steps, not 100.
 
 Run: uv run minimal_vpo.py          (flags: uv run minimal_vpo.py --help)
 """
