@@ -108,19 +108,14 @@ class Task:
             return float(text == ex.answer)
         return char_accuracy(text, ex.answer)
 
-    def rewards(self, texts, examples):
-        """Rewards of a batch as a float tensor of shape (N,)."""
+    def rewards(self, texts, examples, truncated=None):
+        """Rewards of a batch as a float tensor of shape (N,). `truncated` (N,) bool marks completions
+        that never emitted EOS; a scalar task scores them as written."""
         return torch.tensor([self.reward(t, ex) for t, ex in zip(texts, examples)])
 
-    def reward_vector(self, text, ex, k=3):
-        """A k-objective reward for vector-reward methods: per-character credit on each of k equal
-        slices of the answer, each scaled by the same length penalty. Their mean is the scalar
-        partial-credit reward when the answer length is a multiple of k."""
-        n = len(ex.answer)
-        bounds = [round(i * n / k) for i in range(k + 1)]
-        scale = n / max(len(text), n)
-        return [scale * sum(text[i:i + 1] == ex.answer[i] for i in range(a, b)) / max(b - a, 1)
-                for a, b in zip(bounds, bounds[1:])]
+    def warmup_batch(self, rng, n):
+        """The examples one supervised warm-up step trains on: n fresh training examples."""
+        return self.sample(rng, n)
 
 
 class ReverseTask(Task):
@@ -235,6 +230,79 @@ def make_task(name, binary=False):
 
 
 # --------------------------------------------------------------------------------------------------
+# Answer sets with a vector reward (minimal_vpo.py). One completion holds m answers, "a1|a2|a3", and
+# every answer is scored on two objectives that conflict: quality against brevity.
+
+SET_MARKER = "|"  # a prompt that starts with it asks for a set of answers: "|cabd=" -> "dbac|db|d"
+
+
+def quality_brevity(answer, target):
+    """The reward vector of one answer: (quality, brevity) = (char_accuracy, 1 - min(|answer|/n, 1)^2),
+    n = |target|. A correct prefix of j characters scores (x, 1 - x^2), x = j/n: a concave front, so
+    every weighting has its own best length (w = (a, 1 - a) wants x = a / (2 - 2a)): under (0.5, 0.5) the
+    half-length prefix (0.5, 0.75) scores 0.625, the full answer (1, 0) and one character 0.5 at n = 4."""
+    return [char_accuracy(answer, target), 1 - min(len(answer) / len(target), 1) ** 2]
+
+
+def parse_answers(text, m, truncated=False, dedup=True):
+    """The first m parts of "a1|a2|...", padded to m; a part that scores a zero row comes back as "":
+    an empty part, the unfinished last part of a truncated completion (scored, it would earn brevity
+    for being cut off) and, with dedup, a copy of an earlier part."""
+    parts = text.split(SET_MARKER)
+    if truncated:
+        parts[-1] = ""  # no EOS within the budget: the last part was cut off
+    out = []
+    for part in (parts + [""] * m)[:m]:
+        out.append("" if dedup and part in out else part)
+    return out
+
+
+class AnswerSetTask(ReverseTask):
+    """`reverse` asking for m answers in one completion, each scored by `quality_brevity`: the reward of a
+    completion is an (m, 2) matrix, zero rows for what `parse_answers` blanks. m = 1 is the plain format
+    ("cabd=" -> "dbac"); m > 1 puts SET_MARKER before the prompt. The warm-up trains on both formats, half
+    of every batch each, the set format with the reversal written three times, so the same base serves
+    every m: competent in both formats and collapsed in sets (three equal answers), as an LLM asked for
+    several answers often repeats itself. 70 steps keep its plain-format greedy per-character accuracy
+    near ReverseTask's 40-step base (minimal_vpo.py's docstring has the numbers)."""
+    warmup_steps = 70
+    warmup_set_size = 3  # answers per set in the warm-up, whatever m the run trains with
+
+    def __init__(self, m=3, **kw):
+        self.m = m
+        super().__init__(**kw)
+
+    def make_example(self, rng):
+        ex = super().make_example(rng)
+        return ex if self.m == 1 else Example(SET_MARKER + ex.prompt, ex.answer, ex.context)
+
+    def tokens_needed(self):
+        """The token budget m answers need: up to max_len characters each, each closed by '|' or EOS."""
+        return self.m * (self.max_len + 1)
+
+    def warmup_batch(self, rng, n):
+        out = []
+        for i, ex in enumerate(self.sample(rng, n)):  # the same draws for every m: the same base
+            plain = ex.prompt.removeprefix(SET_MARKER)
+            if i % 2 == 0:
+                out.append(Example(plain, ex.answer, ex.context))
+            else:
+                answers = SET_MARKER.join([ex.answer] * self.warmup_set_size)
+                out.append(Example(SET_MARKER + plain, answers, ex.context))
+        return out
+
+    def reward_matrix(self, text, ex, truncated=False, dedup=True):
+        """(m, 2) rows (quality, brevity) of one completion's first m answers."""
+        return [quality_brevity(a, ex.answer) if a else [0.0, 0.0]
+                for a in parse_answers(text, self.m, truncated, dedup)]
+
+    def rewards(self, texts, examples, truncated=None):
+        """Reward matrices of a batch, (N, m, 2), duplicates scored as zero rows."""
+        truncated = [False] * len(texts) if truncated is None else truncated.tolist()
+        return torch.tensor([self.reward_matrix(t, ex, tr) for t, ex, tr in zip(texts, examples, truncated)])
+
+
+# --------------------------------------------------------------------------------------------------
 # The policy: a tiny Llama and a character tokenizer built locally, or any Hugging Face causal LM.
 
 
@@ -303,7 +371,7 @@ def supervised_warmup(model, tok, task, steps, seed, batch=64, lr=3e-3, view=Non
     device = next(model.parameters()).device
     view = view or (lambda ex: (ex.prompt, ex.answer))
     for _ in range(steps):
-        prompts, targets = zip(*map(view, task.sample(rng, batch)))
+        prompts, targets = zip(*map(view, task.warmup_batch(rng, batch)))
         prompt_ids, prompt_mask = encode(tok, list(prompts), device)
         answers = tok([t + (tok.eos_token if task.ends_with_eos else "") for t in targets],
                       add_special_tokens=False,
@@ -531,8 +599,8 @@ def rollout_groups(model, tok, task, examples, group_size, args, device, teacher
     prompts = [task.teacher_prompt(ex) if teacher else ex.prompt for ex in repeated]
     prompt_ids, prompt_mask = encode(tok, prompts, device)
     rollout = sample(model, tok, prompt_ids, prompt_mask, args.max_new_tokens, args.temperature)
-    rewards = task.rewards(rollout.texts, repeated).to(device)
-    return rollout, rewards.view(len(examples), group_size)
+    rewards = task.rewards(rollout.texts, repeated, rollout.truncated).to(device)
+    return rollout, rewards.view(len(examples), group_size, *rewards.shape[1:])  # (P, G) for a scalar reward
 
 
 @torch.no_grad()
@@ -683,13 +751,13 @@ def pick_device(name):
     return torch.device("cpu")
 
 
-def setup(args):
-    """Seed everything, build the task and the policy (run `check_args` first). Returns
-    (task, model, tokenizer, device, logger, rng), where rng draws the training prompts."""
+def setup(args, task=None):
+    """Seed everything, build the task (unless one is given) and the policy (run `check_args` first).
+    Returns (task, model, tokenizer, device, logger, rng), where rng draws the training prompts."""
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
-    task = make_task(args.task, binary=args.binary)
+    task = task or make_task(args.task, binary=args.binary)
     model, tok = load_policy(args, task, device)
     logger = Logger(args.log_jsonl)
     return task, model, tok, device, logger, random.Random(args.seed)

@@ -158,8 +158,9 @@ def test_char_accuracy_and_rewards():
     assert add.reward("41", tt.Example("37+5=", "42", "42")) == 0.0
     assert all(int(a) <= 99 and int(b) <= 9 and int(a) + int(b) == int(ex.answer)
                for ex in add.test for a, b in [ex.prompt[:-1].split("+")])
-    vec = tt.make_task("reverse").reward_vector("fexcxx", tt.Example("abcdef=", "fedcba", "fedcba"))
-    assert vec == [1.0, 0.5, 0.0]  # slices "fe" / "dc" / "ba" against "fe" / "xc" / "xx": 2/2, 1/2, 0/2
+    sets = tt.AnswerSetTask(m=3)  # vector rewards: a (quality, brevity) row per answer, 0 for a copy
+    rows = sets.rewards(["fed|f|fed"], [tt.Example("|abcdef=", "fedcba", "fedcba")])[0].tolist()
+    assert rows == [pytest.approx([0.5, 0.75]), pytest.approx([1 / 6, 35 / 36]), [0.0, 0.0]]
 
 
 def test_tasks_are_seeded_and_never_train_on_the_test_set():
@@ -365,8 +366,10 @@ ALL_SCRIPTS = sorted(p.name for p in Path(__file__).resolve().parents[1].glob("m
 # step per batch and no KL anchor, is the slowest and noisiest learner: its 200-step default ended
 # between 0.87 and 0.97 over seeds 0-2 with 1 or 2 CPU threads, so its floor is lower. OPD's default
 # (a near-perfect teacher scoring every token) ended at 0.976-0.986 over seeds 0-2 with 1 thread, so
-# its floor is the 0.95 its issue asks of it.
-FLOOR = {"minimal_pg.py": 0.85, "minimal_opd.py": 0.95}
+# its floor is the 0.95 its issue asks of it. minimal_vpo.py's test_acc is E_w best@3 of sampled
+# answers (its TEST_METRIC), not a per-character accuracy: its base scores 0.34, an ideal GRPO policy
+# (always the w_gold-best half-length answer) 0.621, and its default reached 0.676 (seed 0, one thread).
+FLOOR = {"minimal_pg.py": 0.85, "minimal_opd.py": 0.95, "minimal_vpo.py": 0.64}
 
 
 @pytest.mark.slow

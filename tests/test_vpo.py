@@ -1,0 +1,295 @@
+"""Tests of minimal_vpo.py and its answer-set task in toy_tasks.py: the reward vector, parsing, the set
+scores against hand-worked numbers, the shared weight draws, the limits where VPO must equal GRPO,
+best@k counting, the evaluation's bookkeeping, bad flags, and the file run end to end."""
+import itertools
+import random
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the minimal_*.py files live at the top
+
+import minimal_grpo as grpo  # noqa: E402
+import minimal_vpo as vpo  # noqa: E402
+import toy_tasks as tt  # noqa: E402
+
+FAST = ["--steps", "2", "--warmup_steps", "2", "--eval_every", "0", "--prompts_per_step", "4"]
+SHARED_KEYS = ["step", "reward", "loss", "entropy", "ratio", "clip_frac", "kl", "grad_norm", "len",
+               "gen_tokens"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The task: reward vector, parsing, reward matrices, prompts and the shared warm-up.
+
+
+def test_quality_brevity_front():
+    # target "dbac" (n = 4); a correct prefix of j characters scores (j/4, 1 - (j/4)^2)
+    assert tt.quality_brevity("d", "dbac") == [0.25, 1 - 1 / 16]  # (0.25, 0.9375)
+    assert tt.quality_brevity("db", "dbac") == [0.5, 0.75]  # the w_gold optimum: 0.5*0.5 + 0.5*0.75 = 0.625
+    assert tt.quality_brevity("dbac", "dbac") == [1.0, 0.0]  # full quality, no brevity left
+    assert tt.quality_brevity("dbaca", "dbac") == [0.8, 0.0]  # too long: 4/5 credit, brevity clipped at 0
+    assert tt.quality_brevity("xb", "dbac") == [0.25, 0.75]  # a wrong character costs quality only
+    gold = lambda r: 0.5 * r[0] + 0.5 * r[1]
+    lengths = {j: gold(tt.quality_brevity("dbac"[:j], "dbac")) for j in range(1, 5)}
+    assert lengths == pytest.approx({1: 0.59375, 2: 0.625, 3: 0.59375, 4: 0.5})  # a unique optimum, j = n/2
+
+
+def test_parse_answers():
+    assert tt.parse_answers("dbac|db|d", 3) == ["dbac", "db", "d"]
+    assert tt.parse_answers("dbac|db|d|dba", 3) == ["dbac", "db", "d"]  # only the first m parts
+    assert tt.parse_answers("dbac", 3) == ["dbac", "", ""]  # missing parts are blanks
+    assert tt.parse_answers("dbac||d", 3) == ["dbac", "", "d"]  # an empty part is a blank
+    assert tt.parse_answers("db|dbac|db", 3) == ["db", "dbac", ""]  # a copy of an earlier part is a blank
+    assert tt.parse_answers("db|dbac|db", 3, dedup=False) == ["db", "dbac", "db"]  # ... unless asked to keep it
+    assert tt.parse_answers("dbac|db|dbacdb", 3, truncated=True) == ["dbac", "db", ""]  # cut off: the last part
+    assert tt.parse_answers("dbac|db|d|dba", 3, truncated=True) == ["dbac", "db", "d"]  # cut off beyond the m-th
+    assert tt.parse_answers("dbacdbacdb", 1, truncated=True) == [""]
+    assert tt.parse_answers("db|ac", 1) == ["db"]  # m = 1 reads the first part too
+
+
+def test_reward_matrices_of_a_batch():
+    task = tt.AnswerSetTask(m=3)
+    ex = tt.Example("|cabd=", "dbac", "dbac")
+    R = task.rewards(["dbac|db|db", "dbac|db|dbacdb", "dbac|db|d"], [ex] * 3, torch.tensor([False, True, False]))
+    assert R.shape == (3, 3, 2)
+    assert R[0].tolist() == [[1.0, 0.0], [0.5, 0.75], [0.0, 0.0]]  # the copy is a zero row
+    assert R[1].tolist() == [[1.0, 0.0], [0.5, 0.75], [0.0, 0.0]]  # the truncated last answer too
+    assert R[2, 2].tolist() == [0.25, 0.9375]
+    assert task.reward_matrix("db|db", ex, dedup=False) == [[0.5, 0.75], [0.5, 0.75], [0.0, 0.0]]
+
+
+def test_prompts_budget_and_the_shared_warmup():
+    sets, plain = tt.AnswerSetTask(m=3), tt.AnswerSetTask(m=1)
+    assert sets.test[0].prompt == "|" + plain.test[0].prompt and sets.test[0].answer == plain.test[0].answer
+    assert plain.test[0].prompt[0] in "abcd"  # m = 1: the plain format, no marker
+    assert sets.tokens_needed() == 21 and plain.tokens_needed() == 7  # m * (6 characters + '|' or EOS)
+    # the warm-up batches do not depend on m, so every m starts from the same base model
+    a, b = sets.warmup_batch(random.Random(0), 6), plain.warmup_batch(random.Random(0), 6)
+    assert a == b
+    assert [ex.prompt.startswith("|") for ex in a] == [False, True] * 3  # half of each format
+    assert a[1].answer == "|".join([a[1].answer.split("|")[0]] * 3)  # the set format: one reversal, 3 times
+    assert a[1].answer.split("|")[0] == a[1].prompt[1:-1][::-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# The set scores and the advantage.
+
+
+def test_set_score_hand_worked():
+    # one group, two completions of m = 2 answers, two weight draws w1 = (1, 0), w2 = (0.25, 0.75)
+    # completion A: rows (1, 0) and (0.5, 0.75). Under w1: max(1, 0.5) = 1; under w2: max(0.25, 0.6875)
+    #   = 0.6875; s_A = (1 + 0.6875) / 2 = 0.84375
+    # completion B: rows (0.5, 0.75) and (0, 0). w1: 0.5; w2: 0.6875; s_B = 0.59375
+    # (the mean over draws of the max, not the max of the mean: for A, max(mean) = max(0.625, 0.71875))
+    R = torch.tensor([[[[1.0, 0.0], [0.5, 0.75]], [[0.5, 0.75], [0.0, 0.0]]]])  # (P=1, G=2, m=2, k=2)
+    w = torch.tensor([[[1.0, 0.0], [0.25, 0.75]]])  # (P=1, N=2, k=2)
+    assert torch.allclose(vpo.set_scores(R, w), torch.tensor([[0.84375, 0.59375]]))
+
+
+def test_baseline_scores_hand_worked():
+    # w_gold = (0.5, 0.5): rows of A score 0.5 and 0.625, of B 0.625 and 0
+    R = torch.tensor([[[[1.0, 0.0], [0.5, 0.75]], [[0.5, 0.75], [0.0, 0.0]]]])
+    assert torch.allclose(vpo.scalar_scores(R, [0.5, 0.5], "max"), torch.tensor([[0.625, 0.625]]))
+    assert torch.allclose(vpo.scalar_scores(R, [0.5, 0.5], "sum"), torch.tensor([[1.125, 0.625]]))
+
+
+def test_weight_draws_are_shared_within_a_group_and_differ_across_groups():
+    torch.manual_seed(0)
+    R = torch.rand(1, 1, 3, 2).expand(2, 4, 3, 2)  # 2 groups x 4 completions, all with the same matrix
+    args = SimpleNamespace(set_score="vpo", n_weights=5, w_gold=0.5)
+    s = vpo.scores(R, args)  # (2, 4)
+    assert torch.equal(s[0], s[0, :1].expand(4)) and torch.equal(s[1], s[1, :1].expand(4))  # same w in a group
+    assert s[0, 0] != s[1, 0]  # other draws in the other group
+    w = vpo.dirichlet((1000,), 3)
+    assert torch.allclose(w.sum(-1), torch.ones(1000)) and (w > 0).all()
+    assert w.mean(0) == pytest.approx([1 / 3] * 3, abs=0.03)  # Dirichlet(1, 1, 1) has mean 1/3 each
+
+
+def test_flat_groups_have_exactly_zero_advantage():
+    # a group of the same set in different orders (and with a copy): every score is bit-identical
+    base = torch.tensor([[0.6, 0.3], [1 / 3, 0.7], [0.0, 0.0]])
+    group = torch.stack([base, base[[1, 0, 2]], base[[2, 1, 0]], base[[0, 2, 1]]])[None]  # (1, 4, 3, 2)
+    for how in ("vpo", "sum", "max"):
+        s = vpo.scores(group, SimpleNamespace(set_score=how, n_weights=100, w_gold=0.3))
+        assert torch.equal(vpo.group_advantages(s), torch.zeros(1, 4)), how
+
+
+def test_m1_vpo_scores_the_mean_objective():
+    # with m = 1 and alpha = 1, E_w[w . r] = mean(r), since E[w] = (1/k, ..., 1/k)
+    torch.manual_seed(0)
+    r = torch.tensor([[[[0.8, 0.2]], [[0.5, 0.75]], [[1.0, 0.0]]]])  # (1, 3, 1, 2)
+    s = vpo.set_scores(r, vpo.dirichlet((1, 200_000), 2))
+    assert torch.allclose(s, torch.tensor([[0.5, 0.625, 0.5]]), atol=3e-3)
+
+
+def test_m1_gold_scores_give_grpo_advantages():
+    """The limit where the file is GRPO: one answer per completion, scored by w_gold (sum or max)."""
+    torch.manual_seed(0)
+    R = torch.rand(4, 8, 1, 2)
+    gold = 0.3 * R[..., 0, 0] + 0.7 * R[..., 0, 1]  # (4, 8) w_gold . r
+    for how in ("sum", "max"):
+        s = vpo.scores(R, SimpleNamespace(set_score=how, n_weights=100, w_gold=0.3))
+        assert torch.allclose(vpo.group_advantages(s), grpo.group_advantages(gold), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: best@k, diversity, and the bookkeeping of evaluate().
+
+
+def test_best_at_k_hand_worked():
+    # pool [2, 0, 1], k = 2: the subsets {0,1}, {0,2}, {1,2} have best 1, 2, 2 -> 5/3
+    values = torch.tensor([[2.0, 0.0, 1.0]])
+    assert vpo.best_at_k(values, 1).item() == pytest.approx(1.0)  # k = 1: the mean
+    assert vpo.best_at_k(values, 2).item() == pytest.approx(5 / 3)
+    assert vpo.best_at_k(values, 3).item() == pytest.approx(2.0)  # k = S: the max
+    # against brute force over every 3-subset of 9 values, with ties, and an extra (weights) dimension
+    torch.manual_seed(0)
+    pool = torch.randint(0, 4, (2, 9, 5)).float()  # (P, S, W)
+    for k in (1, 3, 9):
+        brute = torch.stack([pool[:, list(c)].amax(1) for c in itertools.combinations(range(9), k)]).mean(0)
+        assert torch.allclose(vpo.best_at_k(pool, k), brute, atol=1e-6)
+
+
+def test_set_diversity_hand_worked():
+    # set 1: rows (1, 0), (0.5, 0.75), (0, 0): one scored pair, L1 = 0.5 + 0.75 = 1.25
+    # set 2: rows (1, 0), (0.25, 0.9375), (0.5, 0.75): pairs 0.75 + 0.9375 = 1.6875, 0.5 + 0.75 = 1.25,
+    #        0.25 + 0.1875 = 0.4375; mean 3.375 / 3 = 1.125.   set 3: one scored answer -> 0
+    R = torch.tensor([[[1.0, 0.0], [0.5, 0.75], [0.0, 0.0]],
+                      [[1.0, 0.0], [0.25, 0.9375], [0.5, 0.75]],
+                      [[1.0, 0.0], [0.0, 0.0], [0.0, 0.0]]])
+    assert vpo.set_diversity(R).item() == pytest.approx((1.25 + 1.125 + 0) / 3)
+
+
+def stub_sampler(texts, truncated):
+    """Stands in for tt.sample: returns the given completions, in order, for as many prompts as asked."""
+    def sample(model, tok, ids, mask, max_new_tokens, temperature=1.0, greedy=False):
+        n = ids.size(0)
+        assert n == len(texts) and temperature == 0.7
+        return SimpleNamespace(texts=texts, truncated=torch.tensor(truncated), completion_mask=torch.ones(n, 2))
+    return sample
+
+
+def stub_scorer(model, rollout, temperature=None):
+    """Stands in for tt.token_logprobs: an entropy of 0.5 at every position, scored at temperature 1."""
+    assert temperature == 1.0
+    return None, torch.full_like(rollout.completion_mask, 0.5)
+
+
+def test_evaluate_counts_answers_not_completions(monkeypatch):
+    # one test prompt "|cabd=" (n = 4), m = 3: 9 answers = 3 completions.
+    task = tt.AnswerSetTask(m=3)
+    task.test = [tt.Example("|cabd=", "dbac", "dbac")]
+    tok = tt.build_char_tokenizer(task.alphabet)
+    texts = ["dbac|db|d", "db|db|db", "dbac|dbacdbac"]  # the last is cut off: "dbacdbac" scores 0
+    monkeypatch.setattr(tt, "sample", stub_sampler(texts, [False, False, True]))
+    monkeypatch.setattr(tt, "token_logprobs", stub_scorer)
+    model = SimpleNamespace(eval=lambda: None, train=lambda: None)
+    args = SimpleNamespace(m=3, eval_answers=9, max_new_tokens=24, eval_temperature=0.7, w_gold=0.5)
+    test_acc, exact, entropy, found = vpo.evaluate(model, tok, task, "cpu", args)
+    assert entropy == pytest.approx(0.5)
+    # pool of 9 answers, gold scores: dbac .5, db .625, d .59375 | db .625 x3 (copies count here) |
+    # dbac .5, blank 0, blank 0. Sorted: 0, 0, .5, .5, .59375, .625, .625, .625, .625
+    gold = torch.tensor([[0.5, 0.625, 0.59375, 0.625, 0.625, 0.625, 0.5, 0.0, 0.0]])
+    assert found["gold@1"] == pytest.approx(gold.mean().item())
+    assert found["gold@9"] == pytest.approx(0.625)
+    assert found["gold@3"] == pytest.approx(vpo.best_at_k(gold, 3).item())
+    assert found["best@3_w1"] == pytest.approx(vpo.best_at_k(torch.tensor([[1, .5, .25, .5, .5, .5, 1, 0, 0]]), 3).item())
+    assert exact == pytest.approx(2 / 9)  # two full reversals among nine answers
+    # slot lengths over n: slot 1 (4 + 2 + 4) / 3 / 4, slot 2 (2 + 2 + 0) / 3 / 4, slot 3 (1 + 2 + 0) / 3 / 4
+    assert [found[f"slot{a}"] for a in (1, 2, 3)] == pytest.approx([10 / 12, 4 / 12, 3 / 12])
+    # diversity over the deduplicated sets: set 1 has 3 distinct answers (pairs: dbac-db 1.25, dbac-d
+    # 0.75 + 0.9375 = 1.6875, db-d 0.25 + 0.1875 = 0.4375 -> 1.125); set 2 one answer, set 3 one -> 0
+    assert found["diversity"] == pytest.approx(1.125 / 3)
+    # m = 1: the same 9 answers need 9 completions
+    task1 = tt.AnswerSetTask(m=1)
+    task1.test = [tt.Example("cabd=", "dbac", "dbac")]
+    monkeypatch.setattr(tt, "sample", stub_sampler(["db"] * 9, [False] * 9))
+    args1 = SimpleNamespace(m=1, eval_answers=9, max_new_tokens=24, eval_temperature=0.7, w_gold=0.5)
+    test_acc, exact, _, found = vpo.evaluate(model, tok, task1, "cpu", args1)
+    assert test_acc == pytest.approx(0.625, abs=0.02)  # E_w over 100 draws of w . (0.5, 0.75), about 0.625
+    assert found["gold@9"] == pytest.approx(0.625) and found["diversity"] == 0 and exact == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The file as a user runs it.
+
+
+@pytest.mark.parametrize("extra", [[], ["--set_score", "sum"], ["--set_score", "max"],
+                                   ["--m", "1", "--set_score", "max"], ["--m", "1"]])
+def test_two_steps_end_to_end(run_fast, extra, tmp_path):
+    p = run_fast("minimal_vpo.py", *FAST, *extra)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.strip().splitlines()
+    keys = [kv.split("=")[0] for kv in lines[1].split()]
+    assert keys == SHARED_KEYS + ["answers", "diversity"]  # the shared keys first, the method's own after
+    assert lines[0].startswith("eval step=0 test_acc=") and " best@9=" in lines[0] and " entropy=" in lines[0]
+    final = lines[-1]
+    assert final.startswith("final test_acc=") and " base_acc=" in final and " time_s=" in final
+    m = 1 if "--m" in extra else 3
+    for key in ["best@1", "best@9", "gold@3", "best@3_w1", "best@3_w0", "diversity", f"slot{m}"]:
+        assert f" {key}=" in final, key
+
+
+def test_every_m_starts_from_the_same_base():
+    models = []
+    for m in (1, 3):
+        torch.manual_seed(0)
+        task = tt.AnswerSetTask(m=m)
+        tok = tt.build_char_tokenizer(task.alphabet)
+        model = tt.build_tiny_model(tok)
+        tt.supervised_warmup(model, tok, task, 3, seed=0)
+        models.append(model)
+    assert all(torch.equal(a, b) for a, b in zip(models[0].parameters(), models[1].parameters()))
+
+
+def same_seed_same_lines(run):
+    args = ["--steps", 3, "--warmup_steps", 3, "--eval_every", 2, "--prompts_per_step", 4]
+    a, b = run("minimal_vpo.py", *args), run("minimal_vpo.py", *args)
+    strip = lambda out: [ln.split(" time_s=")[0] for ln in out.splitlines()]  # wall time differs
+    assert a.returncode == 0 and strip(a.stdout) == strip(b.stdout)
+    c = run("minimal_vpo.py", *args, "--seed", 1)
+    assert strip(c.stdout) != strip(a.stdout)
+
+
+def test_same_seed_same_lines(run_fast):
+    same_seed_same_lines(run_fast)
+
+
+@pytest.mark.slow
+def test_same_seed_same_lines_across_processes(run):
+    same_seed_same_lines(run)
+
+
+def test_evaluating_does_not_change_the_training_run(run_fast):
+    a = run_fast("minimal_vpo.py", *FAST, "--steps", "3", "--eval_every", "1")
+    b = run_fast("minimal_vpo.py", *FAST, "--steps", "3", "--eval_every", "0")
+    steps = lambda out: [ln for ln in out.splitlines() if ln.startswith("step=")]
+    assert a.returncode == 0 and steps(a.stdout) == steps(b.stdout)
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["--m", "0"], "--m"),
+    (["--max_new_tokens", "20"], "--max_new_tokens"),  # 3 answers need 21 tokens
+    (["--m", "5", "--max_new_tokens", "34"], "--max_new_tokens"),
+    (["--set_score", "mean"], "--set_score"),
+    (["--n_weights", "0"], "--n_weights"),
+    (["--w_gold", "1.5"], "--w_gold"),
+    (["--eval_answers", "4"], "--eval_answers"),  # not a multiple of m = 3
+    (["--eval_temperature", "0"], "--eval_temperature"),
+    (["--task", "add"], "--task"),
+    (["--binary"], "--binary"),
+    (["--beta", "-1"], "--beta"),
+])
+def test_bad_flags_fail_cleanly(run_fast, args, flag):
+    p = run_fast("minimal_vpo.py", *args)
+    assert p.returncode == 2
+    err = p.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and flag in err[0], p.stderr
+    assert "Traceback" not in p.stderr and p.stdout == ""
+
+
+def test_test_metric_is_declared():
+    assert "best@3" in vpo.TEST_METRIC
