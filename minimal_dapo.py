@@ -93,8 +93,15 @@ class Args:
     """sampling temperature (log-probs are taken at the same temperature)"""
     eval_every: int = 20
     """greedy held-out evaluation every this many steps (0: only at the end)"""
+    micro_batch: int = 0
+    """prompts per micro-batch: each forward and backward pass holds this many prompts' completions, and
+    their gradients add up to one optimizer step (0: the whole batch at once)"""
+    dtype: str = "auto"
+    """auto (bfloat16 autocast for a --model on CUDA, float32 otherwise), float32 or bfloat16"""
+    grad_checkpointing: bool = False
+    """recompute activations in the backward pass instead of storing them (for a large --model)"""
     device: str = "auto"
-    """auto, cpu, cuda or mps"""
+    """auto (the tiny default on the CPU; a --model on CUDA, then MPS, then CPU), cpu, cuda or mps"""
     log_jsonl: str = ""
     """also write every step's metrics to this JSON-lines file"""
 
@@ -125,15 +132,16 @@ def kl_k3(logp, ref_logp):
     return torch.exp(d) - d - 1
 
 
-def aggregate(per_token, mask):
-    """Token mean over the whole batch: every token of every completion summed, divided by the batch's
-    total token count, so a long completion weighs in proportion to its length."""
-    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+def aggregate(per_token, mask, tokens):
+    """Token mean over the whole batch: every token of every completion given, summed, divided by
+    `tokens`, the whole batch's token count (counted once before the batch is split into micro-batches:
+    each micro-batch's own count would give its tokens a weight that depends on how the batch was cut)."""
+    return (per_token * mask).sum() / tokens
 
 
-def policy_loss(logp, old_logp, adv, mask, clip_eps, clip_eps_high):
+def policy_loss(logp, old_logp, adv, mask, clip_eps, clip_eps_high, tokens):
     """Clipped surrogate with a higher upper edge and no KL term, and its diagnostics.
-    logp, old_logp, mask: (N, T); adv: (N,)."""
+    logp, old_logp, mask: (N, T); adv: (N,); tokens: the batch's completion tokens."""
     ratio = torch.exp(logp - old_logp)  # (N, T); 1 in the first inner epoch
     clamped = ratio.clamp(1 - clip_eps, 1 + clip_eps_high)  # (N, T) asymmetric: room to raise a token
     surrogate = torch.min(ratio * adv[:, None], clamped * adv[:, None])  # (N, T)
@@ -146,20 +154,29 @@ def policy_loss(logp, old_logp, adv, mask, clip_eps, clip_eps_high):
     stats = {"ratio": tt.masked_mean(ratio, mask),
              "clip_frac": tt.masked_mean(clipped.float(), mask),
              "kl": tt.masked_mean(kl_k3(logp, old_logp), mask)}  # k3 to the sampler: there is no reference
-    return aggregate(per_token, mask), {k: v.detach() for k, v in stats.items()}
+    return aggregate(per_token, mask, tokens), {k: v.detach() for k, v in stats.items()}
 
 
 def update(model, optimizer, rollout, adv, old_logp, step, args):
-    """One gradient step on a sampled batch; returns the loss, its diagnostics and the entropy."""
-    mask = rollout.completion_mask  # (N, T)
-    logp, entropy = tt.token_logprobs(model, rollout)  # (N, T) each
-    loss, stats = policy_loss(logp, old_logp, adv, mask, args.clip_eps, args.clip_eps_high)
-    tt.check_finite(loss, step)
+    """One optimizer step on a sampled batch, its gradient accumulated over micro-batches of whole
+    groups; returns the whole batch's loss, diagnostics and entropy, whatever --micro_batch is."""
+    tokens = rollout.completion_mask.sum().clamp(min=1)  # the normaliser, counted before the split
+    n, metrics = len(adv), tt.BatchMetrics(tokens)
     optimizer.zero_grad()
-    loss.backward()
+    for rows in tt.micro_batches(n, args.micro_batch * args.group_size):  # row slices of whole groups
+        part = rollout.rows(rows)
+        mask = part.completion_mask  # (n_mb, T)
+        logp, entropy = tt.token_logprobs(model, part)  # (n_mb, T) each
+        loss, stats = policy_loss(logp, old_logp[rows], adv[rows], mask, args.clip_eps, args.clip_eps_high,
+                                  tokens)
+        tt.check_finite(loss, step)
+        loss.backward()  # gradients add up over the micro-batches into the whole batch's
+        metrics.add(mask, loss, entropy=tt.masked_mean(entropy, mask), **stats)
+    stats = metrics.totals()
     stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
     optimizer.step()
-    return loss.detach(), stats, tt.masked_mean(entropy, mask)
+    loss, entropy = stats.pop("loss"), stats.pop("entropy")
+    return loss, stats, entropy
 
 
 def informative_groups(rewards):
@@ -218,15 +235,15 @@ def main():
     check_args(args)
     task, model, tok, device, logger, rng = tt.setup(args)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    base_acc, exact, test_entropy = tt.evaluate(model, tok, task, device, args.max_new_tokens)
+    mb_rows = args.micro_batch * args.group_size  # rows per forward pass, whole groups (0: the whole batch)
+    base_acc, exact, test_entropy = tt.evaluate(model, tok, task, device, args.max_new_tokens, mb_rows)
     logger.eval(0, base_acc, exact, entropy=test_entropy)
 
     for step in range(1, args.steps + 1):
         rollout, rewards, sampling = dynamic_sample(model, tok, task, rng, step, args, device)
         penalty = overlong_penalty(rollout.lengths, args.max_new_tokens, args.overlong_cache)  # (N,) <= 0
         adv = group_advantages(rewards + penalty.view_as(rewards)).view(-1)  # (N,) one per completion
-        with torch.no_grad():
-            old_logp, _ = tt.token_logprobs(model, rollout)  # (N, T) pi_old, frozen for every epoch
+        old_logp, _ = tt.score(model, rollout, mb_rows)  # (N, T) pi_old, frozen for every epoch
         for epoch in range(args.epochs):  # the ratio and clip fraction logged are the last epoch's
             loss, stats, entropy = update(model, optimizer, rollout, adv, old_logp, step, args)
         grad_norm = stats.pop("grad_norm")
@@ -235,7 +252,7 @@ def main():
                     len_wrong=tt.mean_length_wrong(rollout, rewards), kept=sampling["kept"],
                     rounds=sampling["rounds"], overlong=(penalty < 0).float().mean())
         if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
-            test_acc, exact, test_entropy = tt.evaluate(model, tok, task, device, args.max_new_tokens)
+            test_acc, exact, test_entropy = tt.evaluate(model, tok, task, device, args.max_new_tokens, mb_rows)
             logger.eval(step, test_acc, exact, entropy=test_entropy)
     logger.final(test_acc, exact, base_acc)
 

@@ -82,8 +82,15 @@ class Args:
     """sampling temperature (log-probs are taken at the same temperature)"""
     eval_every: int = 20
     """greedy held-out evaluation every this many steps (0: only at the end)"""
+    micro_batch: int = 0
+    """prompts per micro-batch: each forward and backward pass holds this many prompts' completions, and
+    their gradients add up to one optimizer step (0: the whole batch at once)"""
+    dtype: str = "auto"
+    """auto (bfloat16 autocast for a --model on CUDA, float32 otherwise), float32 or bfloat16"""
+    grad_checkpointing: bool = False
+    """recompute activations in the backward pass instead of storing them (for a large --model)"""
     device: str = "auto"
-    """auto, cpu, cuda or mps"""
+    """auto (the tiny default on the CPU; a --model on CUDA, then MPS, then CPU), cpu, cuda or mps"""
     log_jsonl: str = ""
     """also write every step's metrics to this JSON-lines file"""
 
@@ -134,9 +141,9 @@ def kondo_keep(chi, rate, eta, hard=False):
 
 @torch.no_grad()
 def kondo_pass(model, rollout, adv, args):
-    """The Kondo gate's pricing pass, a forward pass without a graph. Returns which completions get a
-    backward pass, (N,) bool, and the token entropies, (N, T), for the log."""
-    logp, entropy = tt.token_logprobs(model, rollout)  # (N, T) each
+    """The Kondo gate's pricing pass, forward passes without a graph (a micro-batch at a time). Returns
+    which completions get a backward pass, (N,) bool, and the token entropies, (N, T), for the log."""
+    logp, entropy = tt.score(model, rollout, args.micro_batch * args.group_size)  # (N, T) each
     chi = (token_delight(adv, logp) * rollout.completion_mask).sum(1)  # (N,) A_i times the whole surprisal
     return kondo_keep(chi, args.kondo_keep_rate, args.eta, args.kondo_hard), entropy
 
@@ -148,8 +155,8 @@ def kl_k3(logp, ref_logp):
 
 
 def aggregate(per_token, mask, n):
-    """Sum over each completion's tokens, then divide by n, the number of completions sampled (the
-    rows given may be fewer when the Kondo gate dropped some)."""
+    """Sum over each completion's tokens, then divide by n, the whole batch's number of completions
+    sampled (the rows given may be fewer: a micro-batch, or what the Kondo gate kept)."""
     return (per_token * mask).sum() / n
 
 
@@ -166,7 +173,9 @@ def policy_loss(logp, old_logp, adv, mask, eta, n):
 
 
 def update(model, optimizer, rollout, adv, step, args):
-    """One gradient step on a sampled batch; returns the loss, its diagnostics and the entropy."""
+    """One optimizer step on a sampled batch, its gradient accumulated over micro-batches of whole
+    groups (the Kondo screen drops completions inside them); returns the whole batch's loss,
+    diagnostics and entropy, whatever --micro_batch is."""
     mask = rollout.completion_mask  # (N, T)
     keep, entropy = torch.ones_like(adv, dtype=torch.bool), None  # (N,) without the gate, all train
     if args.kondo:
@@ -175,16 +184,24 @@ def update(model, optimizer, rollout, adv, step, args):
             zero = torch.zeros((), device=adv.device)
             stats = dict(ratio=zero + 1, clip_frac=zero, kl=zero, gate=zero, grad_norm=zero, kept=zero)
             return zero, stats, tt.masked_mean(entropy, mask)
-    logp, kept_entropy = tt.token_logprobs(model, rollout.select(keep))  # (K, T) each, K kept
-    loss, stats = policy_loss(logp, logp.detach(), adv[keep], mask[keep], args.eta, adv.numel())
-    tt.check_finite(loss, step)
+    n, metrics = len(adv), tt.BatchMetrics(mask[keep].sum())  # the kept tokens, counted before the split
     optimizer.zero_grad()
-    loss.backward()
+    for rows in tt.micro_batches(n, args.micro_batch * args.group_size):  # row slices of whole groups
+        if not keep[rows].any():
+            continue
+        part = rollout.rows(rows).select(keep[rows])  # the kept completions of these groups, K of them
+        logp, kept_entropy = tt.token_logprobs(model, part)  # (K, T) each
+        loss, stats = policy_loss(logp, logp.detach(), adv[rows][keep[rows]], part.completion_mask, args.eta, n)
+        tt.check_finite(loss, step)
+        loss.backward()  # gradients add up over the micro-batches into the whole batch's
+        metrics.add(part.completion_mask, loss, entropy=tt.masked_mean(kept_entropy, part.completion_mask), **stats)
+    stats = metrics.totals()
     stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
     optimizer.step()
     stats["kept"] = keep.float().mean()  # share of completions that paid for a backward pass
-    entropy = kept_entropy if entropy is None else entropy  # (N, T): the metric covers the whole batch
-    return loss.detach(), stats, tt.masked_mean(entropy, mask)
+    loss, kept_entropy = stats.pop("loss"), stats.pop("entropy")
+    entropy = kept_entropy if entropy is None else tt.masked_mean(entropy, mask)  # the metric covers the whole batch
+    return loss, stats, entropy
 
 
 def check_args(args):
@@ -205,7 +222,8 @@ def main():
     check_args(args)
     task, model, tok, device, logger, rng = tt.setup(args)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    base_acc, exact, test_entropy = tt.evaluate(model, tok, task, device, args.max_new_tokens)
+    mb_rows = args.micro_batch * args.group_size  # rows per forward pass, whole groups (0: the whole batch)
+    base_acc, exact, test_entropy = tt.evaluate(model, tok, task, device, args.max_new_tokens, mb_rows)
     logger.eval(0, base_acc, exact, entropy=test_entropy)
 
     for step in range(1, args.steps + 1):
@@ -217,7 +235,7 @@ def main():
         logger.step(step, reward=rewards.mean(), loss=loss, entropy=entropy, **stats,
                     grad_norm=grad_norm, len=rollout.lengths.mean(), gen_tokens=int(rollout.lengths.sum()), gate=gate, kept=kept)
         if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
-            test_acc, exact, test_entropy = tt.evaluate(model, tok, task, device, args.max_new_tokens)
+            test_acc, exact, test_entropy = tt.evaluate(model, tok, task, device, args.max_new_tokens, mb_rows)
             logger.eval(step, test_acc, exact, entropy=test_entropy)
     logger.final(test_acc, exact, base_acc)
 

@@ -67,8 +67,15 @@ class Args:
     """sampling temperature (log-probs are taken at the same temperature)"""
     eval_every: int = 20
     """greedy held-out evaluation every this many steps (0: only at the end)"""
+    micro_batch: int = 0
+    """prompts per micro-batch: each forward and backward pass holds this many prompts' completions, and
+    their gradients add up to one optimizer step (0: the whole batch at once)"""
+    dtype: str = "auto"
+    """auto (bfloat16 autocast for a --model on CUDA, float32 otherwise), float32 or bfloat16"""
+    grad_checkpointing: bool = False
+    """recompute activations in the backward pass instead of storing them (for a large --model)"""
     device: str = "auto"
-    """auto, cpu, cuda or mps"""
+    """auto (the tiny default on the CPU; a --model on CUDA, then MPS, then CPU), cpu, cuda or mps"""
     log_jsonl: str = ""
     """also write every step's metrics to this JSON-lines file"""
 
@@ -92,13 +99,15 @@ def kl_k3(logp, ref_logp):
     return torch.exp(d) - d - 1
 
 
-def aggregate(per_token, mask):
-    """Per-sequence token mean (the 1/|y_i| factor), then mean over completions."""
-    return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+def aggregate(per_token, mask, n):
+    """Per-sequence token mean (the 1/|y_i| factor), then a sum over the completions given divided by n,
+    the whole batch's number of completions: the batch mean, added up micro-batch by micro-batch."""
+    return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / n
 
 
-def policy_loss(logp, old_logp, ref_logp, adv, mask, clip_eps, beta):
-    """Clipped surrogate minus k3 KL, and its diagnostics. logp, old_logp, ref_logp, mask: (N, T); adv: (N,)."""
+def policy_loss(logp, old_logp, ref_logp, adv, mask, clip_eps, beta, n):
+    """Clipped surrogate minus k3 KL, and its diagnostics. logp, old_logp, ref_logp, mask: (N, T); adv: (N,);
+    n: the batch's completions."""
     ratio = torch.exp(logp - old_logp)  # (N, T); 1 in the first inner epoch
     surrogate = torch.min(ratio * adv[:, None], ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv[:, None])
     kl = kl_k3(logp, ref_logp)  # (N, T) k3 to the frozen base model, inside the per-token sum
@@ -110,20 +119,28 @@ def policy_loss(logp, old_logp, ref_logp, adv, mask, clip_eps, beta):
     stats = {"ratio": tt.masked_mean(ratio, mask),
              "clip_frac": tt.masked_mean(clipped.float(), mask),
              "kl": tt.masked_mean(kl, mask)}
-    return aggregate(per_token, mask), {k: v.detach() for k, v in stats.items()}
+    return aggregate(per_token, mask, n), {k: v.detach() for k, v in stats.items()}
 
 
 def update(model, optimizer, rollout, adv, old_logp, ref_logp, step, args):
-    """One gradient step on a sampled batch; returns the loss, its diagnostics and the entropy."""
-    mask = rollout.completion_mask  # (N, T)
-    logp, entropy = tt.token_logprobs(model, rollout)  # (N, T) each
-    loss, stats = policy_loss(logp, old_logp, ref_logp, adv, mask, args.clip_eps, args.beta)
-    tt.check_finite(loss, step)
+    """One optimizer step on a sampled batch, its gradient accumulated over micro-batches of whole
+    groups; returns the whole batch's loss, diagnostics and entropy, whatever --micro_batch is."""
+    n, metrics = len(adv), tt.BatchMetrics(rollout.completion_mask.sum())  # counted before the split
     optimizer.zero_grad()
-    loss.backward()
+    for rows in tt.micro_batches(n, args.micro_batch * args.group_size):  # row slices of whole groups
+        part = rollout.rows(rows)
+        mask = part.completion_mask  # (n_mb, T)
+        logp, entropy = tt.token_logprobs(model, part)  # (n_mb, T) each
+        loss, stats = policy_loss(logp, old_logp[rows], ref_logp[rows], adv[rows], mask, args.clip_eps,
+                                  args.beta, n)
+        tt.check_finite(loss, step)
+        loss.backward()  # gradients add up over the micro-batches into the whole batch's
+        metrics.add(mask, loss, entropy=tt.masked_mean(entropy, mask), **stats)
+    stats = metrics.totals()
     stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
     optimizer.step()
-    return loss.detach(), stats, tt.masked_mean(entropy, mask)
+    loss, entropy = stats.pop("loss"), stats.pop("entropy")
+    return loss, stats, entropy
 
 
 def check_args(args):
@@ -145,16 +162,16 @@ def main():
     task, model, tok, device, logger, rng = tt.setup(args)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # the frozen base, for the KL term
-    base_acc, exact, test_entropy = tt.evaluate(model, tok, task, device, args.max_new_tokens)
+    mb_rows = args.micro_batch * args.group_size  # rows per forward pass, whole groups (0: the whole batch)
+    base_acc, exact, test_entropy = tt.evaluate(model, tok, task, device, args.max_new_tokens, mb_rows)
     logger.eval(0, base_acc, exact, entropy=test_entropy)
 
     for step in range(1, args.steps + 1):
         examples = task.sample(rng, args.prompts_per_step)
         rollout, rewards = tt.rollout_groups(model, tok, task, examples, args.group_size, args, device)
         adv = group_advantages(rewards).view(-1)  # (N,) one advantage per completion
-        with torch.no_grad():
-            old_logp, _ = tt.token_logprobs(model, rollout)  # (N, T) pi_old, frozen for every epoch
-            ref_logp = tt.token_logprobs(ref_model, rollout)[0] if args.beta > 0 else old_logp
+        old_logp, _ = tt.score(model, rollout, mb_rows)  # (N, T) pi_old, frozen for every epoch
+        ref_logp = tt.score(ref_model, rollout, mb_rows)[0] if args.beta > 0 else old_logp
         for epoch in range(args.epochs):  # the ratio and clip fraction logged are the last epoch's
             loss, stats, entropy = update(model, optimizer, rollout, adv, old_logp, ref_logp, step, args)
         grad_norm = stats.pop("grad_norm")
@@ -162,7 +179,7 @@ def main():
                     grad_norm=grad_norm, len=rollout.lengths.mean(), gen_tokens=int(rollout.lengths.sum()),
                     len_wrong=tt.mean_length_wrong(rollout, rewards))
         if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
-            test_acc, exact, test_entropy = tt.evaluate(model, tok, task, device, args.max_new_tokens)
+            test_acc, exact, test_entropy = tt.evaluate(model, tok, task, device, args.max_new_tokens, mb_rows)
             logger.eval(step, test_acc, exact, entropy=test_entropy)
     logger.final(test_acc, exact, base_acc)
 

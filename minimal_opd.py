@@ -92,8 +92,15 @@ class Args:
     """sampling temperature (the student's log-probs are taken at the same temperature, the teacher's at 1)"""
     eval_every: int = 20
     """greedy held-out evaluation every this many steps (0: only at the end)"""
+    micro_batch: int = 0
+    """prompts per micro-batch: each forward and backward pass holds this many prompts' completions, and
+    their gradients add up to one optimizer step (0: the whole batch at once)"""
+    dtype: str = "auto"
+    """auto (bfloat16 autocast for a --model on CUDA, float32 otherwise), float32 or bfloat16"""
+    grad_checkpointing: bool = False
+    """recompute activations in the backward pass instead of storing them (for a large --model)"""
     device: str = "auto"
-    """auto, cpu, cuda or mps"""
+    """auto (the tiny default on the CPU; a --model on CUDA, then MPS, then CPU), cpu, cuda or mps"""
     log_jsonl: str = ""
     """also write every step's metrics to this JSON-lines file"""
     estimator: str = "sampled"
@@ -119,10 +126,11 @@ def distill_advantages(logp, teacher_logp):
     return -(logp - teacher_logp).detach()
 
 
-def reverse_kl(logp_all, teacher_logp_all):
-    """Exact KL(pi_S || pi_T) at every position, summed over the vocabulary: (N, T, V) x 2 -> (N, T).
-    With the arguments swapped it is the forward KL(pi_T || pi_S)."""
-    return (logp_all.exp() * (logp_all - teacher_logp_all)).sum(-1)
+def kl(logp_all, other_logp_all):
+    """Exact KL(p || q) at every position, summed over the vocabulary: (N, T, V) x 2 -> (N, T). With the
+    student first it is the reverse KL(pi_S || pi_T) that OPD minimises; with the teacher first, the
+    forward KL(pi_T || pi_S) that supervised distillation would."""
+    return (logp_all.exp() * (logp_all - other_logp_all)).sum(-1)
 
 
 def entropy(logp_all):
@@ -136,19 +144,25 @@ def kl_k3(logp, ref_logp):
     return torch.exp(d) - d - 1
 
 
-def aggregate(per_token, mask):
-    """Sum over each completion's tokens, then mean over completions (both estimators)."""
-    return (per_token * mask).sum(1).mean()
+def aggregate(per_token, mask, n):
+    """Sum over each completion's tokens, then over the completions given, divided by n, the whole
+    batch's number of completions (both estimators): the batch mean, added up micro-batch by micro-batch."""
+    return (per_token * mask).sum(1).sum() / n
 
 
-def policy_loss(logp, old_logp, adv, mask):
-    """REINFORCE loss and its diagnostics. logp, old_logp, adv, mask: (N, T), one advantage per token."""
+def policy_loss(logp, old_logp, adv, mask, n, full_kl=None):
+    """Either estimator's loss and the shared diagnostics. logp, old_logp, adv, mask: (N, T), one advantage
+    per token; n: the batch's completions. full_kl (N, T), the exact KL at each position with its graph,
+    selects the full estimator; without it, the sampled one."""
     ratio = torch.exp(logp - old_logp)  # (N, T); 1 exactly: one update per batch
-    per_token = -adv * logp  # (N, T) each token credited with its own term only (discount 0)
+    if full_kl is None:
+        per_token = -adv * logp  # (N, T) sampled: each token credited with its own term only (discount 0)
+    else:
+        per_token = full_kl  # (N, T) full: the same expected gradient, each position's token summed out exactly
     stats = {"ratio": tt.masked_mean(ratio, mask),
              "clip_frac": tt.masked_mean(((ratio - 1).abs() > 0.2).float(), mask),  # no clip: drift past +-0.2
              "kl": tt.masked_mean(kl_k3(logp, old_logp), mask)}  # k3 to the sampling policy
-    return aggregate(per_token, mask), {k: v.detach() for k, v in stats.items()}
+    return aggregate(per_token, mask, n), {k: v.detach() for k, v in stats.items()}
 
 
 @torch.no_grad()
@@ -158,36 +172,45 @@ def teacher_logprobs(teacher, rollout):
     return tt.completion_logits(teacher, rollout, 1.0).log_softmax(-1)
 
 
-def distill_loss(model, rollout, teacher_logp_all, estimator):
-    """Either estimator's loss on a batch, the shared diagnostics, the teacher diagnostics and the
-    student's token entropies (N, T)."""
+def distill_loss(model, teacher, rollout, estimator, n):
+    """Either estimator's loss on one micro-batch (divided by n, the batch's completions), the shared
+    diagnostics, the student's token entropies (N, T) and the teacher diagnostics. The teacher scores
+    this micro-batch only: its logits are as large as the student's."""
     mask = rollout.completion_mask  # (N, T)
+    teacher_logp_all = teacher_logprobs(teacher, rollout)  # (N, T, V)
     logp_all = tt.completion_logits(model, rollout, rollout.temperature).log_softmax(-1)  # (N, T, V) as sampled
     pick = lambda x: x.gather(-1, rollout.completion_ids[..., None]).squeeze(-1)  # (N, T) the sampled tokens
     logp, teacher_logp = pick(logp_all), pick(teacher_logp_all)
     adv = distill_advantages(logp, teacher_logp)  # (N, T)
-    loss, stats = policy_loss(logp, logp.detach(), adv, mask)
-    if estimator == "full":  # the same expected gradient, each position's token summed out exactly
-        loss = aggregate(reverse_kl(logp_all, teacher_logp_all), mask)
+    full_kl = kl(logp_all, teacher_logp_all) if estimator == "full" else None
+    loss, stats = policy_loss(logp, logp.detach(), adv, mask, n, full_kl)
     logp_all = logp_all.detach()
     teaching = {"teacher_kl": tt.masked_mean(-adv, mask),  # the sampled estimate of reverse_kl
-                "reverse_kl": tt.masked_mean(reverse_kl(logp_all, teacher_logp_all), mask),
-                "forward_kl": tt.masked_mean(reverse_kl(teacher_logp_all, logp_all), mask),
+                "reverse_kl": tt.masked_mean(kl(logp_all, teacher_logp_all), mask),
+                "forward_kl": tt.masked_mean(kl(teacher_logp_all, logp_all), mask),
                 "teacher_entropy": tt.masked_mean(entropy(teacher_logp_all), mask),
                 "top1_agree": tt.masked_mean((logp_all.argmax(-1) == teacher_logp_all.argmax(-1)).float(), mask)}
-    return loss, stats, teaching, entropy(logp_all)
+    return loss, stats, entropy(logp_all), teaching
 
 
-def update(model, optimizer, rollout, teacher_logp_all, step, args):
-    """One gradient step on a sampled batch; returns the loss, its diagnostics and the entropy."""
-    mask = rollout.completion_mask  # (N, T)
-    loss, stats, teaching, entropy = distill_loss(model, rollout, teacher_logp_all, args.estimator)
-    tt.check_finite(loss, step)
+def update(model, optimizer, rollout, teacher, step, args):
+    """One optimizer step on a sampled batch, its gradient accumulated over micro-batches of whole
+    groups; returns the whole batch's loss, diagnostics, entropy and teacher diagnostics."""
+    n, metrics = len(rollout.texts), tt.BatchMetrics(rollout.completion_mask.sum())  # counted before the split
     optimizer.zero_grad()
-    loss.backward()
+    for rows in tt.micro_batches(n, args.micro_batch * args.group_size):  # row slices of whole groups
+        part = rollout.rows(rows)
+        mask = part.completion_mask  # (n_mb, T)
+        loss, stats, entropy, teaching = distill_loss(model, teacher, part, args.estimator, n)
+        tt.check_finite(loss, step)
+        loss.backward()  # gradients add up over the micro-batches into the whole batch's
+        metrics.add(mask, loss, entropy=tt.masked_mean(entropy, mask), **stats, **teaching)
+    stats = metrics.totals()
+    teaching = {k: stats.pop(k) for k in teaching}  # the teacher columns go after the shared ones
     stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
     optimizer.step()
-    return loss.detach(), stats, tt.masked_mean(entropy, mask), teaching
+    loss, entropy = stats.pop("loss"), stats.pop("entropy")
+    return loss, stats, entropy, teaching
 
 
 def gradient_variance(model, tok, task, teacher, rng, device, logger, args):
@@ -197,10 +220,11 @@ def gradient_variance(model, tok, task, teacher, rng, device, logger, args):
     for _ in range(args.grad_var_batches):
         examples = task.sample(rng, args.prompts_per_step)
         rollout, _ = tt.rollout_groups(model, tok, task, examples, args.group_size, args, device)
-        teacher_logp_all = teacher_logprobs(teacher, rollout)
+        n = len(rollout.texts)
         for estimator, g in grads.items():
             model.zero_grad()
-            distill_loss(model, rollout, teacher_logp_all, estimator)[0].backward()
+            for rows in tt.micro_batches(n, args.micro_batch * args.group_size):
+                distill_loss(model, teacher, rollout.rows(rows), estimator, n)[0].backward()
             g.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     g = {estimator: torch.stack(v) for estimator, v in grads.items()}  # (batches, parameters) each
     logger.info("grad", sampled_var=g["sampled"].var(0).sum(), full_var=g["full"].var(0).sum(),
@@ -232,7 +256,8 @@ def main():
     teacher, record = tt.load_teacher(args, task, tok, model, device)  # frozen, checked, from its own seeds
     logger.info("teacher", **record)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    base_acc, exact, test_entropy = tt.evaluate(model, tok, task, device, args.max_new_tokens)
+    mb_rows = args.micro_batch * args.group_size  # rows per forward pass, whole groups (0: the whole batch)
+    base_acc, exact, test_entropy = tt.evaluate(model, tok, task, device, args.max_new_tokens, mb_rows)
     logger.eval(0, base_acc, exact, entropy=test_entropy)
     if args.grad_var_batches:
         return gradient_variance(model, tok, task, teacher, rng, device, logger, args)
@@ -240,13 +265,12 @@ def main():
     for step in range(1, args.steps + 1):
         examples = task.sample(rng, args.prompts_per_step)
         rollout, rewards = tt.rollout_groups(model, tok, task, examples, args.group_size, args, device)
-        teacher_logp_all = teacher_logprobs(teacher, rollout)  # (N, T, V); the rewards are only logged
-        loss, stats, entropy, teaching = update(model, optimizer, rollout, teacher_logp_all, step, args)
+        loss, stats, entropy, teaching = update(model, optimizer, rollout, teacher, step, args)  # rewards: only logged
         grad_norm = stats.pop("grad_norm")
         logger.step(step, reward=rewards.mean(), loss=loss, entropy=entropy, **stats,
                     grad_norm=grad_norm, len=rollout.lengths.mean(), gen_tokens=int(rollout.lengths.sum()), **teaching)
         if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
-            test_acc, exact, test_entropy = tt.evaluate(model, tok, task, device, args.max_new_tokens)
+            test_acc, exact, test_entropy = tt.evaluate(model, tok, task, device, args.max_new_tokens, mb_rows)
             logger.eval(step, test_acc, exact, entropy=test_entropy)
     logger.final(test_acc, exact, base_acc)
 

@@ -103,8 +103,15 @@ class Args:
     """the teacher's sampling temperature (its log-probs are taken at the same temperature)"""
     eval_every: int = 20
     """greedy held-out evaluation every this many steps (0: only at the end)"""
+    micro_batch: int = 0
+    """prompts per micro-batch: each forward and backward pass holds this many prompts' completions, and
+    their gradients add up to one optimizer step (0: the whole batch at once)"""
+    dtype: str = "auto"
+    """auto (bfloat16 autocast for a --model on CUDA, float32 otherwise), float32 or bfloat16"""
+    grad_checkpointing: bool = False
+    """recompute activations in the backward pass instead of storing them (for a large --model)"""
     device: str = "auto"
-    """auto, cpu, cuda or mps"""
+    """auto (the tiny default on the CPU; a --model on CUDA, then MPS, then CPU), cpu, cuda or mps"""
     log_jsonl: str = ""
     """also write every step's metrics to this JSON-lines file"""
 
@@ -149,19 +156,27 @@ def learnability(penalty, lam):
 @torch.no_grad()
 def learnability_pass(student, view, args):
     """The current student, frozen, scores the teacher's tokens on the *student* view (its own prompt,
-    never the context) at temperature 1, building no graph. Returns G and P, (N,) each."""
-    logp_all = tt.completion_logits(student, view, 1.0).log_softmax(-1)  # (N, T, V)
-    penalty = spike_penalty(surprise_gaps(logp_all, view.completion_ids), view.completion_mask, args.spike_beta)
+    never the context) at temperature 1, building no graph, a micro-batch at a time. Returns G and P,
+    (N,) each."""
+    penalties = []
+    for rows in tt.micro_batches(view.completion_ids.size(0), args.micro_batch * args.group_size):
+        part = view.rows(rows)
+        logp_all = tt.completion_logits(student, part, 1.0).log_softmax(-1)  # (n_mb, T, V)
+        gaps = surprise_gaps(logp_all, part.completion_ids)  # (n_mb, T)
+        penalties.append(spike_penalty(gaps, part.completion_mask, args.spike_beta))
+    penalty = torch.cat(penalties)  # (N,)
     return learnability(penalty, args.lam), penalty
 
 
-def aggregate(per_token, mask):
-    """Per-sequence token mean (the 1/|y_i| factor), then mean over completions."""
-    return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+def aggregate(per_token, mask, n):
+    """Per-sequence token mean (the 1/|y_i| factor), then a sum over the completions given divided by n,
+    the whole batch's number of completions: the batch mean, added up micro-batch by micro-batch."""
+    return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / n
 
 
-def policy_loss(logp, old_logp, adv, mask, clip_eps):
-    """Clipped surrogate with no KL term, and its diagnostics. logp, old_logp, mask: (N, T); adv: (N,)."""
+def policy_loss(logp, old_logp, adv, mask, clip_eps, n):
+    """Clipped surrogate with no KL term, and its diagnostics. logp, old_logp, mask: (N, T); adv: (N,);
+    n: the batch's completions."""
     ratio = torch.exp(logp - old_logp)  # (N, T); 1 in the first inner epoch
     surrogate = torch.min(ratio * adv[:, None], ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv[:, None])
     per_token = -surrogate  # (N, T)
@@ -172,20 +187,27 @@ def policy_loss(logp, old_logp, adv, mask, clip_eps):
     stats = {"ratio": tt.masked_mean(ratio, mask),
              "clip_frac": tt.masked_mean(clipped.float(), mask),
              "kl": tt.masked_mean(kl_k3(logp, old_logp), mask)}  # k3 to the sampler: there is no reference
-    return aggregate(per_token, mask), {k: v.detach() for k, v in stats.items()}
+    return aggregate(per_token, mask, n), {k: v.detach() for k, v in stats.items()}
 
 
 def update(model, optimizer, rollout, adv, old_logp, step, args):
-    """One gradient step on a sampled batch; returns the loss, its diagnostics and the entropy."""
-    mask = rollout.completion_mask  # (N, T)
-    logp, entropy = tt.token_logprobs(model, rollout)  # (N, T) each
-    loss, stats = policy_loss(logp, old_logp, adv, mask, args.clip_eps)
-    tt.check_finite(loss, step)
+    """One optimizer step on a sampled batch, its gradient accumulated over micro-batches of whole
+    groups; returns the whole batch's loss, diagnostics and entropy, whatever --micro_batch is."""
+    n, metrics = len(adv), tt.BatchMetrics(rollout.completion_mask.sum())  # counted before the split
     optimizer.zero_grad()
-    loss.backward()
+    for rows in tt.micro_batches(n, args.micro_batch * args.group_size):  # row slices of whole groups
+        part = rollout.rows(rows)
+        mask = part.completion_mask  # (n_mb, T)
+        logp, entropy = tt.token_logprobs(model, part)  # (n_mb, T) each
+        loss, stats = policy_loss(logp, old_logp[rows], adv[rows], mask, args.clip_eps, n)
+        tt.check_finite(loss, step)
+        loss.backward()  # gradients add up over the micro-batches into the whole batch's
+        metrics.add(mask, loss, entropy=tt.masked_mean(entropy, mask), **stats)
+    stats = metrics.totals()
     stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
     optimizer.step()
-    return loss.detach(), stats, tt.masked_mean(entropy, mask)
+    loss, entropy = stats.pop("loss"), stats.pop("entropy")
+    return loss, stats, entropy
 
 
 def imitation_gate(logp, kappa, gamma):
@@ -194,28 +216,35 @@ def imitation_gate(logp, kappa, gamma):
     return torch.sigmoid(kappa * (logp - gamma))
 
 
-def imitation_loss(logp, mask, kappa, gamma):
+def imitation_loss(logp, mask, kappa, gamma, n):
     """Surprisal-gated imitation: mean_b [sum_t w_t (-log pi_S(y_t)) / sum_t w_t], each completion
-    normalised by its own gate mass. logp, mask (N, T) -> (loss, mean gate over real tokens)."""
+    normalised by its own gate mass, the mean taken over n, the whole batch's completions.
+    logp, mask (N, T) -> (loss, mean gate over real tokens)."""
     gate = imitation_gate(logp.detach(), kappa, gamma) * mask  # (N, T) no gradient through the gate
     per_completion = (gate * -logp).sum(1) / gate.sum(1).clamp(min=1e-8)  # (N,)
-    return per_completion.mean(), tt.masked_mean(gate, mask)
+    return per_completion.sum() / n, tt.masked_mean(gate, mask)
 
 
 def student_update(student, optimizer, teacher, tok, task, examples, step, args, device):
     """The student's step: one fresh teacher completion per example (not the batch the teacher was just
     trained on, not filtered by correctness), imitated on the student view with the gate recomputed
-    under the current student. Returns the loss, the mean gate and the tokens sampled."""
+    under the current student, in micro-batches of --micro_batch examples. Returns the loss, the mean
+    gate and the tokens sampled."""
     rollout, _ = tt.rollout_groups(teacher, tok, task, examples, 1, args, device, teacher=True)
     view = tt.with_prompts(rollout, tok, [ex.prompt for ex in examples], device)
-    logp, _ = tt.token_logprobs(student, view, temperature=1.0)  # (B, T) the student's own view, at T = 1
-    loss, gate = imitation_loss(logp, view.completion_mask, args.kappa, args.gamma)
-    tt.check_finite(loss, step, "student loss")
+    n, metrics = len(examples), tt.BatchMetrics(view.completion_mask.sum())  # counted before the split
     optimizer.zero_grad()
-    loss.backward()
+    for rows in tt.micro_batches(n, args.micro_batch):  # one completion per example
+        part = view.rows(rows)
+        logp, _ = tt.token_logprobs(student, part, temperature=1.0)  # (b, T) the student's own view, at T = 1
+        loss, gate = imitation_loss(logp, part.completion_mask, args.kappa, args.gamma, n)
+        tt.check_finite(loss, step, "student loss")
+        loss.backward()  # gradients add up over the micro-batches into the whole batch's
+        metrics.add(part.completion_mask, loss, gate=gate)
     torch.nn.utils.clip_grad_norm_(student.parameters(), args.max_grad_norm)
     optimizer.step()
-    return loss.detach(), gate, int(rollout.lengths.sum())
+    totals = metrics.totals()
+    return totals["loss"], totals["gate"], int(rollout.lengths.sum())
 
 
 def check_args(args):
@@ -258,7 +287,8 @@ def main():
     student_optimizer = torch.optim.AdamW(student.parameters(), lr=args.student_lr)  # its own moments, even --shared
     copy_acc, key_rate = tt.evaluate_teacher(teacher, tok, task, device, args.max_new_tokens)
     logger.info("teacher", copy_acc=copy_acc, key_rate=key_rate)
-    base_acc, exact, test_entropy = tt.evaluate(student, tok, task, device, args.max_new_tokens)
+    mb_rows = args.micro_batch * args.group_size  # rows per forward pass, whole groups (0: the whole batch)
+    base_acc, exact, test_entropy = tt.evaluate(student, tok, task, device, args.max_new_tokens, mb_rows)
     sampled = tt.sampled_exact(student, tok, task, device, args.max_new_tokens)  # exact match at T = 1
     logger.eval(0, base_acc, exact, entropy=test_entropy, sampled_exact=sampled)
 
@@ -271,8 +301,7 @@ def main():
         is_key = tt.is_other_answer(rollout.texts, rewards.view(-1).tolist(), repeated)  # (N,)
         ped_rewards = rewards * gain.view_as(rewards)  # (P, G) R * G
         adv = group_advantages(ped_rewards).view(-1)  # (N,) one advantage per completion
-        with torch.no_grad():
-            old_logp, _ = tt.token_logprobs(teacher, rollout)  # (N, T) pi_old, frozen for every epoch
+        old_logp, _ = tt.score(teacher, rollout, mb_rows)  # (N, T) pi_old, frozen for every epoch
         for epoch in range(args.epochs):  # the ratio and clip fraction logged are the last epoch's
             loss, stats, entropy = update(teacher, optimizer, rollout, adv, old_logp, step, args)
         grad_norm = stats.pop("grad_norm")
@@ -285,7 +314,7 @@ def main():
                     learnability=gain.mean(), spike=penalty.mean(), key_rate=is_key.mean(),
                     gate=gate, student_loss=student_loss)
         if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
-            test_acc, exact, test_entropy = tt.evaluate(student, tok, task, device, args.max_new_tokens)
+            test_acc, exact, test_entropy = tt.evaluate(student, tok, task, device, args.max_new_tokens, mb_rows)
             sampled = tt.sampled_exact(student, tok, task, device, args.max_new_tokens)
             logger.eval(step, test_acc, exact, entropy=test_entropy, sampled_exact=sampled)
     copy_acc, key_rate = tt.evaluate_teacher(teacher, tok, task, device, args.max_new_tokens)

@@ -65,8 +65,15 @@ class Args:
     """sampling temperature (log-probs are taken at the same temperature)"""
     eval_every: int = 20
     """greedy held-out evaluation every this many steps (0: only at the end)"""
+    micro_batch: int = 0
+    """prompts per micro-batch: each forward and backward pass holds this many prompts' completions, and
+    their gradients add up to one optimizer step (0: the whole batch at once)"""
+    dtype: str = "auto"
+    """auto (bfloat16 autocast for a --model on CUDA, float32 otherwise), float32 or bfloat16"""
+    grad_checkpointing: bool = False
+    """recompute activations in the backward pass instead of storing them (for a large --model)"""
     device: str = "auto"
-    """auto, cpu, cuda or mps"""
+    """auto (the tiny default on the CPU; a --model on CUDA, then MPS, then CPU), cpu, cuda or mps"""
     log_jsonl: str = ""
     """also write every step's metrics to this JSON-lines file"""
 
@@ -101,29 +108,37 @@ def aggregate(per_token, mask):
     return (per_token * mask).sum(1)
 
 
-def policy_loss(logp, old_logp, q, mask):
+def policy_loss(logp, old_logp, q, mask, groups):
     """Cross-entropy from the target to the policy over each group's candidates, and its diagnostics.
-    logp, old_logp, mask: (N, T); q: (P, G) with N = P * G, frozen."""
+    logp, old_logp, mask: (N, T); q: (P, G) with N = P * G, frozen; groups: the whole batch's groups."""
     ratio = torch.exp(logp - old_logp)  # (N, T); 1 in the first inner epoch
     s = aggregate(logp, mask).view_as(q)  # (P, G) each candidate's log-prob under the current policy
     per_group = -(q * s.log_softmax(1)).sum(1)  # (P,) cross-entropy H(q, p); d/ds_i = p_i - q_i
     stats = {"ratio": tt.masked_mean(ratio, mask),
              "clip_frac": tt.masked_mean(((ratio - 1).abs() > 0.2).float(), mask),  # no clip: drift past +-0.2
              "kl": tt.masked_mean(kl_k3(logp, old_logp), mask)}  # k3 to the sampling policy
-    return per_group.mean(), {k: v.detach() for k, v in stats.items()}  # mean over groups
+    return per_group.sum() / groups, {k: v.detach() for k, v in stats.items()}  # the mean over the batch's groups
 
 
 def update(model, optimizer, rollout, q, old_logp, step, args):
-    """One gradient step on a sampled batch; returns the loss, its diagnostics and the entropy."""
-    mask = rollout.completion_mask  # (N, T)
-    logp, entropy = tt.token_logprobs(model, rollout)  # (N, T) each
-    loss, stats = policy_loss(logp, old_logp, q, mask)
-    tt.check_finite(loss, step)
+    """One optimizer step on a sampled batch, its gradient accumulated over micro-batches of whole
+    groups; returns the whole batch's loss, diagnostics and entropy, whatever --micro_batch is."""
+    n, metrics = len(old_logp), tt.BatchMetrics(rollout.completion_mask.sum())  # counted before the split
     optimizer.zero_grad()
-    loss.backward()
+    for rows in tt.micro_batches(n, args.micro_batch * args.group_size):  # row slices of whole groups
+        part = rollout.rows(rows)
+        mask = part.completion_mask  # (n_mb, T)
+        logp, entropy = tt.token_logprobs(model, part)  # (n_mb, T) each
+        q_part = q.view(-1)[rows].view(-1, args.group_size)  # (P_mb, G) the target of these groups
+        loss, stats = policy_loss(logp, old_logp[rows], q_part, mask, len(q))
+        tt.check_finite(loss, step)
+        loss.backward()  # gradients add up over the micro-batches into the whole batch's
+        metrics.add(mask, loss, entropy=tt.masked_mean(entropy, mask), **stats)
+    stats = metrics.totals()
     stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
     optimizer.step()
-    return loss.detach(), stats, tt.masked_mean(entropy, mask)
+    loss, entropy = stats.pop("loss"), stats.pop("entropy")
+    return loss, stats, entropy
 
 
 def check_args(args):
@@ -142,16 +157,16 @@ def main():
     check_args(args)
     task, model, tok, device, logger, rng = tt.setup(args)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    base_acc, exact, test_entropy = tt.evaluate(model, tok, task, device, args.max_new_tokens)
+    mb_rows = args.micro_batch * args.group_size  # rows per forward pass, whole groups (0: the whole batch)
+    base_acc, exact, test_entropy = tt.evaluate(model, tok, task, device, args.max_new_tokens, mb_rows)
     logger.eval(0, base_acc, exact, entropy=test_entropy)
 
     for step in range(1, args.steps + 1):
         examples = task.sample(rng, args.prompts_per_step)
         rollout, rewards = tt.rollout_groups(model, tok, task, examples, args.group_size, args, device)
         adv = group_advantages(rewards)  # (P, G) u, one z-scored reward per candidate
-        with torch.no_grad():
-            old_logp, _ = tt.token_logprobs(model, rollout)  # (N, T) pi_old, frozen for every epoch
-            q = tpo_target(aggregate(old_logp, rollout.completion_mask).view_as(adv), adv, args.eta)  # (P, G)
+        old_logp, _ = tt.score(model, rollout, mb_rows)  # (N, T) pi_old, frozen for every epoch
+        q = tpo_target(aggregate(old_logp, rollout.completion_mask).view_as(adv), adv, args.eta)  # (P, G)
         for epoch in range(args.epochs):  # the ratio and clip fraction logged are the last epoch's
             loss, stats, entropy = update(model, optimizer, rollout, q, old_logp, step, args)
         grad_norm = stats.pop("grad_norm")
@@ -160,7 +175,7 @@ def main():
                     len_wrong=tt.mean_length_wrong(rollout, rewards),
                     target_entropy=torch.special.entr(q).sum(1).mean(), max_q=q.max(1).values.mean())
         if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
-            test_acc, exact, test_entropy = tt.evaluate(model, tok, task, device, args.max_new_tokens)
+            test_acc, exact, test_entropy = tt.evaluate(model, tok, task, device, args.max_new_tokens, mb_rows)
             logger.eval(step, test_acc, exact, entropy=test_entropy)
     logger.final(test_acc, exact, base_acc)
 

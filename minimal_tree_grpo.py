@@ -84,8 +84,15 @@ class Args:
     """sampling temperature (log-probs are taken at the same temperature)"""
     eval_every: int = 20
     """greedy held-out evaluation every this many steps (0: only at the end)"""
+    micro_batch: int = 0
+    """prompts per micro-batch: each forward and backward pass holds this many prompts' completions, and
+    their gradients add up to one optimizer step (0: the whole batch at once)"""
+    dtype: str = "auto"
+    """auto (bfloat16 autocast for a --model on CUDA, float32 otherwise), float32 or bfloat16"""
+    grad_checkpointing: bool = False
+    """recompute activations in the backward pass instead of storing them (for a large --model)"""
     device: str = "auto"
-    """auto, cpu, cuda or mps"""
+    """auto (the tiny default on the CPU; a --model on CUDA, then MPS, then CPU), cpu, cuda or mps"""
     log_jsonl: str = ""
     """also write every step's metrics to this JSON-lines file"""
 
@@ -142,8 +149,7 @@ def grow_trees(model, tok, prompt_ids, prompt_mask, args):
     owner = torch.where(pad(roots.completion_mask, (0, grow)) > 0, 0, -1)[:, None]  # each root sampled its own
     gen_tokens, forks = roots.lengths, []  # (Tr,)
     for _ in range(args.rounds):
-        with torch.no_grad():
-            logp, _ = tt.token_logprobs(model, leaf_rows(tokens))
+        logp, _ = tt.score(model, leaf_rows(tokens), args.micro_batch * leaves_per_prompt(args))
         surprisal = -pad(logp, (0, tokens.size(2) - logp.size(1))).view(tokens.shape)  # (Tr, K, W)
         leaf, t = pick_forks(surprisal, owner, args.forks)  # (Tr, N) each
         new, new_owner, cont, stats = branch(model, tok, ids, mask, tokens, owner, leaf, t, args)
@@ -209,13 +215,15 @@ def kl_k3(logp, ref_logp):
     return torch.exp(d) - d - 1
 
 
-def aggregate(per_token, mask):
-    """Per-sequence token mean (the 1/|y_i| factor), then mean over completions."""
-    return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+def aggregate(per_token, mask, n):
+    """Per-sequence token mean (the 1/|y_i| factor), then a sum over the completions given divided by n,
+    the whole batch's number of completions: the batch mean, added up micro-batch by micro-batch."""
+    return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / n
 
 
-def policy_loss(logp, old_logp, ref_logp, adv, mask, clip_eps, beta):
-    """Clipped surrogate minus k3 KL, and its diagnostics. logp, old_logp, ref_logp, adv, mask: (N, T)."""
+def policy_loss(logp, old_logp, ref_logp, adv, mask, clip_eps, beta, n):
+    """Clipped surrogate minus k3 KL, and its diagnostics. logp, old_logp, ref_logp, adv, mask: (N, T);
+    n: the batch's completions."""
     ratio = torch.exp(logp - old_logp)  # (N, T); 1 in the first inner epoch
     surrogate = torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
     kl = kl_k3(logp, ref_logp)  # (N, T) k3 to the frozen base model, inside the per-token sum
@@ -227,20 +235,33 @@ def policy_loss(logp, old_logp, ref_logp, adv, mask, clip_eps, beta):
     stats = {"ratio": tt.masked_mean(ratio, mask),
              "clip_frac": tt.masked_mean(clipped.float(), mask),
              "kl": tt.masked_mean(kl, mask)}
-    return aggregate(per_token, mask), {k: v.detach() for k, v in stats.items()}
+    return aggregate(per_token, mask, n), {k: v.detach() for k, v in stats.items()}
 
 
 def update(model, optimizer, rollout, adv, old_logp, ref_logp, step, args):
-    """One gradient step on a sampled batch; returns the loss, its diagnostics and the entropy."""
-    mask = rollout.completion_mask  # (N, T)
-    logp, entropy = tt.token_logprobs(model, rollout)  # (N, T) each
-    loss, stats = policy_loss(logp, old_logp, ref_logp, adv, mask, args.clip_eps, args.beta)
-    tt.check_finite(loss, step)
+    """One optimizer step on a sampled batch, its gradient accumulated over micro-batches of whole
+    prompts (all their trees); returns the whole batch's loss, diagnostics and entropy, whatever --micro_batch is."""
+    n, metrics = len(adv), tt.BatchMetrics(rollout.completion_mask.sum())  # counted before the split
     optimizer.zero_grad()
-    loss.backward()
+    for rows in tt.micro_batches(n, args.micro_batch * leaves_per_prompt(args)):  # rows of whole prompts
+        part = rollout.rows(rows)
+        mask = part.completion_mask  # (n_mb, T)
+        logp, entropy = tt.token_logprobs(model, part)  # (n_mb, T) each
+        loss, stats = policy_loss(logp, old_logp[rows], ref_logp[rows], adv[rows], mask, args.clip_eps,
+                                  args.beta, n)
+        tt.check_finite(loss, step)
+        loss.backward()  # gradients add up over the micro-batches into the whole batch's
+        metrics.add(mask, loss, entropy=tt.masked_mean(entropy, mask), **stats)
+    stats = metrics.totals()
     stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
     optimizer.step()
-    return loss.detach(), stats, tt.masked_mean(entropy, mask)
+    loss, entropy = stats.pop("loss"), stats.pop("entropy")
+    return loss, stats, entropy
+
+
+def leaves_per_prompt(args):
+    """The rows one prompt trains on: M trees of 1 + L * N * T leaves each."""
+    return args.trees * (1 + args.rounds * args.forks * args.branches)
 
 
 def check_args(args):
@@ -248,7 +269,7 @@ def check_args(args):
     for name, least in (("trees", 1), ("forks", 1), ("rounds", 0), ("branches", 1)):
         if getattr(args, name) < least:
             tt.fail(f"--{name} must be a whole number of at least {least}, got {getattr(args, name)}")
-    if args.trees * (1 + args.rounds * args.forks * args.branches) < 2:
+    if leaves_per_prompt(args) < 2:
         tt.fail("--trees 1 with --rounds 0 leaves one leaf per prompt; the baseline needs at least 2")
     if args.advantage not in ADVANTAGES:
         tt.fail(f"--advantage {args.advantage!r} is unknown; choose one of {', '.join(ADVANTAGES)}")
@@ -269,7 +290,8 @@ def main():
     task, model, tok, device, logger, rng = tt.setup(args)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # the frozen base, for the KL term
-    base_acc, exact, test_entropy = tt.evaluate(model, tok, task, device, args.max_new_tokens)
+    mb_rows = args.micro_batch * leaves_per_prompt(args)  # rows per forward pass, whole trees (0: all)
+    base_acc, exact, test_entropy = tt.evaluate(model, tok, task, device, args.max_new_tokens, mb_rows)
     logger.eval(0, base_acc, exact, entropy=test_entropy)
 
     for step in range(1, args.steps + 1):
@@ -280,9 +302,8 @@ def main():
         rewards = task.rewards(rollout.texts, [ex for ex in examples for _ in range(args.trees * k)])
         rewards = rewards.to(device).view(owner.shape[:3])  # (P, M, K); K leaves in every tree
         adv = ADVANTAGES[args.advantage](owner, rewards).flatten(0, 2)  # (N, T) one advantage per token
-        with torch.no_grad():
-            old_logp, _ = tt.token_logprobs(model, rollout)  # (N, T) pi_old, frozen for every epoch
-            ref_logp = tt.token_logprobs(ref_model, rollout)[0] if args.beta > 0 else old_logp
+        old_logp, _ = tt.score(model, rollout, mb_rows)  # (N, T) pi_old, frozen for every epoch
+        ref_logp = tt.score(ref_model, rollout, mb_rows)[0] if args.beta > 0 else old_logp
         for epoch in range(args.epochs):  # the ratio and clip fraction logged are the last epoch's
             loss, stats, entropy = update(model, optimizer, rollout, adv, old_logp, ref_logp, step, args)
         grad_norm = stats.pop("grad_norm")
@@ -291,7 +312,7 @@ def main():
                     len_wrong=tt.mean_length_wrong(rollout, rewards), leaves=args.trees * k, **grown,
                     dead_groups=(rewards.amax((1, 2)) == rewards.amin((1, 2))).float().mean())
         if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
-            test_acc, exact, test_entropy = tt.evaluate(model, tok, task, device, args.max_new_tokens)
+            test_acc, exact, test_entropy = tt.evaluate(model, tok, task, device, args.max_new_tokens, mb_rows)
             logger.eval(step, test_acc, exact, entropy=test_entropy)
     logger.final(test_acc, exact, base_acc)
 

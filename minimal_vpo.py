@@ -98,8 +98,15 @@ class Args:
     """sampling temperature of the held-out evaluation (the paper's 0.7)"""
     eval_every: int = 20
     """held-out evaluation every this many steps (0: only at the end)"""
+    micro_batch: int = 0
+    """prompts per micro-batch: each forward and backward pass holds this many prompts' completions, and
+    their gradients add up to one optimizer step (0: the whole batch at once)"""
+    dtype: str = "auto"
+    """auto (bfloat16 autocast for a --model on CUDA, float32 otherwise), float32 or bfloat16"""
+    grad_checkpointing: bool = False
+    """recompute activations in the backward pass instead of storing them (for a large --model)"""
     device: str = "auto"
-    """auto, cpu, cuda or mps"""
+    """auto (the tiny default on the CPU; a --model on CUDA, then MPS, then CPU), cpu, cuda or mps"""
     log_jsonl: str = ""
     """also write every step's metrics to this JSON-lines file"""
 
@@ -152,13 +159,15 @@ def kl_k3(logp, ref_logp):
     return torch.exp(d) - d - 1
 
 
-def aggregate(per_token, mask):
-    """Per-sequence token mean (the 1/|y_i| factor), then mean over completions."""
-    return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+def aggregate(per_token, mask, n):
+    """Per-sequence token mean (the 1/|y_i| factor), then a sum over the completions given divided by n,
+    the whole batch's number of completions: the batch mean, added up micro-batch by micro-batch."""
+    return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / n
 
 
-def policy_loss(logp, old_logp, ref_logp, adv, mask, clip_eps, beta):
-    """Clipped surrogate minus k3 KL, and its diagnostics. logp, old_logp, ref_logp, mask: (N, T); adv: (N,)."""
+def policy_loss(logp, old_logp, ref_logp, adv, mask, clip_eps, beta, n):
+    """Clipped surrogate minus k3 KL, and its diagnostics. logp, old_logp, ref_logp, mask: (N, T); adv: (N,);
+    n: the batch's completions."""
     ratio = torch.exp(logp - old_logp)  # (N, T); 1 in the first inner epoch
     surrogate = torch.min(ratio * adv[:, None], ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv[:, None])
     kl = kl_k3(logp, ref_logp)  # (N, T) k3 to the frozen base model, inside the per-token sum
@@ -170,20 +179,28 @@ def policy_loss(logp, old_logp, ref_logp, adv, mask, clip_eps, beta):
     stats = {"ratio": tt.masked_mean(ratio, mask),
              "clip_frac": tt.masked_mean(clipped.float(), mask),
              "kl": tt.masked_mean(kl, mask)}
-    return aggregate(per_token, mask), {k: v.detach() for k, v in stats.items()}
+    return aggregate(per_token, mask, n), {k: v.detach() for k, v in stats.items()}
 
 
 def update(model, optimizer, rollout, adv, old_logp, ref_logp, step, args):
-    """One gradient step on a sampled batch; returns the loss, its diagnostics and the entropy."""
-    mask = rollout.completion_mask  # (N, T)
-    logp, entropy = tt.token_logprobs(model, rollout)  # (N, T) each
-    loss, stats = policy_loss(logp, old_logp, ref_logp, adv, mask, args.clip_eps, args.beta)
-    tt.check_finite(loss, step)
+    """One optimizer step on a sampled batch, its gradient accumulated over micro-batches of whole
+    groups; returns the whole batch's loss, diagnostics and entropy, whatever --micro_batch is."""
+    n, metrics = len(adv), tt.BatchMetrics(rollout.completion_mask.sum())  # counted before the split
     optimizer.zero_grad()
-    loss.backward()
+    for rows in tt.micro_batches(n, args.micro_batch * args.group_size):  # row slices of whole groups
+        part = rollout.rows(rows)
+        mask = part.completion_mask  # (n_mb, T)
+        logp, entropy = tt.token_logprobs(model, part)  # (n_mb, T) each
+        loss, stats = policy_loss(logp, old_logp[rows], ref_logp[rows], adv[rows], mask, args.clip_eps,
+                                  args.beta, n)
+        tt.check_finite(loss, step)
+        loss.backward()  # gradients add up over the micro-batches into the whole batch's
+        metrics.add(mask, loss, entropy=tt.masked_mean(entropy, mask), **stats)
+    stats = metrics.totals()
     stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
     optimizer.step()
-    return loss.detach(), stats, tt.masked_mean(entropy, mask)
+    loss, entropy = stats.pop("loss"), stats.pop("entropy")
+    return loss, stats, entropy
 
 
 def check_args(args):
@@ -241,14 +258,19 @@ def evaluate(model, tok, task, device, args):
     the policy's entropy at temperature 1 along the samples, {metric: value})."""
     chains = args.eval_answers // args.m
     examples = [ex for ex in task.test for _ in range(chains)]
-    ids, mask = tt.encode(tok, [ex.prompt for ex in examples], device)
+    texts, truncated, entropy, tokens = [], [], 0.0, 0
     model.eval()
     with torch.random.fork_rng():  # a fixed stream of its own: evaluating never shifts the training run
         torch.manual_seed(12345)
-        rollout = tt.sample(model, tok, ids, mask, args.max_new_tokens, args.eval_temperature)
-    entropy = tt.masked_mean(tt.token_logprobs(model, rollout, temperature=1.0)[1], rollout.completion_mask)
+        for part in tt.micro_batches(len(examples), args.micro_batch * args.group_size):  # as in training
+            ids, mask = tt.encode(tok, [ex.prompt for ex in examples[part]], device)
+            rollout = tt.sample(model, tok, ids, mask, args.max_new_tokens, args.eval_temperature)
+            entropy = entropy + (tt.token_logprobs(model, rollout, temperature=1.0)[1] * rollout.completion_mask).sum()
+            texts, truncated = texts + rollout.texts, truncated + rollout.truncated.tolist()
+            tokens = tokens + rollout.completion_mask.sum()
     model.train()
-    done = list(zip(rollout.texts, examples, rollout.truncated.tolist()))
+    entropy = entropy / tokens.clamp(min=1)  # a token mean over every sampled answer
+    done = list(zip(texts, examples, truncated))
     R = torch.tensor([task.reward_matrix(t, ex, cut, dedup=False) for t, ex, cut in done])  # (N, m, 2)
     pool = R.view(len(task.test), args.eval_answers, 2)  # (P, S, 2) every answer to one prompt
     w = dirichlet((100,), 2, torch.Generator().manual_seed(0))  # (100, 2) the same draws in every run
@@ -273,6 +295,7 @@ def main():
     task, model, tok, device, logger, rng = tt.setup(args, tt.AnswerSetTask(m=args.m))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # the frozen base, for the KL term
+    mb_rows = args.micro_batch * args.group_size  # rows per forward pass, whole groups (0: the whole batch)
     base_acc, exact, test_entropy, found = evaluate(model, tok, task, device, args)
     logger.eval(0, base_acc, exact, entropy=test_entropy, **{k: found[k] for k in ON_EVAL_LINE})
 
@@ -281,9 +304,8 @@ def main():
         rollout, R = tt.rollout_groups(model, tok, task, examples, args.group_size, args, device)  # R (P, G, m, 2)
         rewards = scores(R, args)  # (P, G) one score per completion, from its whole answer set
         adv = group_advantages(rewards).view(-1)  # (N,) one advantage per completion, on all its tokens
-        with torch.no_grad():
-            old_logp, _ = tt.token_logprobs(model, rollout)  # (N, T) pi_old, frozen for every epoch
-            ref_logp = tt.token_logprobs(ref_model, rollout)[0] if args.beta > 0 else old_logp
+        old_logp, _ = tt.score(model, rollout, mb_rows)  # (N, T) pi_old, frozen for every epoch
+        ref_logp = tt.score(ref_model, rollout, mb_rows)[0] if args.beta > 0 else old_logp
         for epoch in range(args.epochs):  # the ratio and clip fraction logged are the last epoch's
             loss, stats, entropy = update(model, optimizer, rollout, adv, old_logp, ref_logp, step, args)
         grad_norm = stats.pop("grad_norm")

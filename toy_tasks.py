@@ -11,7 +11,9 @@ Hugging Face causal LM. Nothing is downloaded unless you pass `--model` with a h
 """
 import ast
 import argparse
+import contextlib
 import dataclasses
+import functools
 import inspect
 import json
 import os
@@ -394,6 +396,9 @@ def load_policy(args, task, device):
         tok = build_char_tokenizer(task.alphabet)
         model = build_tiny_model(tok)
     model.to(device)
+    model.autocast_dtype = autocast_dtype(args, device)  # read by `forward`; a deepcopy keeps it
+    if args.grad_checkpointing:  # recompute each layer's activations in the backward pass instead of storing them
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     need = max(len(tok(ex.answer, add_special_tokens=False).input_ids) for ex in task.test) + task.ends_with_eos
     if args.max_new_tokens < need:
         fail(f"--max_new_tokens {args.max_new_tokens} is too small for task {task.name!r}: its answers need "
@@ -439,9 +444,10 @@ def load_teacher(args, task, tok, student, device):
                  f"tokens, {width(teacher)} logits against {len(tok)} and {width(student)}), so it cannot "
                  "score the student's tokens")
         teacher.to(device)
+        teacher.autocast_dtype = student.autocast_dtype  # the student's precision
     else:
         teacher = train_teacher(tok, task, args.teacher_steps, args.seed, device)
-    test_acc, exact, entropy = evaluate(teacher, tok, task, device, args.max_new_tokens)
+    test_acc, exact, entropy = evaluate(teacher, tok, task, device, args.max_new_tokens, args.micro_batch * args.group_size)
     if test_acc < args.teacher_min_acc:
         fix = "use a stronger --teacher" if args.teacher else "raise --teacher_steps"
         fail(f"the teacher's held-out accuracy is {test_acc:.3f}, below --teacher_min_acc "
@@ -468,6 +474,12 @@ class Rollout:
     @property
     def lengths(self):
         return self.completion_mask.sum(1)  # (N,) tokens per completion, EOS included
+
+    def rows(self, part):
+        """A micro-batch: the completions in the row slice `part`, as a smaller Rollout (views, no copy)."""
+        texts = self.texts[part] if self.texts is not None else None
+        return Rollout(self.prompt_ids[part], self.prompt_mask[part], self.completion_ids[part],
+                       self.completion_mask[part], self.truncated[part], texts, self.temperature)
 
     def select(self, rows):
         """The completions where rows (N,) bool is True, as a smaller Rollout."""
@@ -514,11 +526,14 @@ def repad(ids, keep, pad_id, left):
 
 @torch.no_grad()
 def sample(model, tok, prompt_ids, prompt_mask, max_new_tokens, temperature=1.0, greedy=False):
-    """Autoregressive sampling with a KV cache; each row stops at its first EOS."""
-    n, device = prompt_ids.size(0), prompt_ids.device
+    """Autoregressive sampling with a KV cache; each row stops at its first EOS. The prefill asks for the
+    last position's logits only, and the model samples in eval mode (gradient checkpointing, which acts
+    only in training mode, would switch the KV cache off)."""
+    n, device, training = prompt_ids.size(0), prompt_ids.device, model.training
+    model.eval()
     mask = prompt_mask
     positions = (mask.cumsum(1) - 1).clamp(min=0)
-    out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    out = forward(model, prompt_ids, mask, positions, keep=1, use_cache=True)
     next_pos = positions[:, -1:] + 1
     done = torch.zeros(n, dtype=torch.bool, device=device)
     tokens = []
@@ -534,9 +549,9 @@ def sample(model, tok, prompt_ids, prompt_mask, max_new_tokens, temperature=1.0,
         if done.all():
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos,
-                    past_key_values=out.past_key_values, use_cache=True)
+        out = forward(model, nxt[:, None], mask, next_pos, past_key_values=out.past_key_values, use_cache=True)
         next_pos = next_pos + 1
+    model.train(training)
     return rollout_from(prompt_ids, prompt_mask, torch.stack(tokens, 1), tok, temperature)
 
 
@@ -555,16 +570,17 @@ def rollout_from(prompt_ids, prompt_mask, completion, tok, temperature):
 
 def completion_logits(model, rollout, temperature):
     """Logits that predicted each completion token, divided by `temperature`: (N, T, V), one forward
-    pass over prompt+completion. The temperature is the caller's choice, never implied: the rollout's
-    own sampling temperature for the policy that sampled it (its pi_old, and a reference model scored
-    the same way for a KL), 1 for any other model that only scores the tokens (a teacher, a frozen
-    student): a teacher divided by the student's sampling temperature would be silently tempered."""
+    pass over prompt+completion that asks the model for the last T + 1 positions only (a prompt
+    position's logits would be V floats spent on nothing). The temperature is the caller's choice, never
+    implied: the rollout's own sampling temperature for the policy that sampled it (its pi_old, and a
+    reference model scored the same way for a KL), 1 for any other model that only scores the tokens (a
+    teacher, a frozen student): a teacher divided by the student's sampling temperature would be
+    silently tempered. Its output is the largest tensor of a step: call it on one micro-batch at a time."""
     ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], 1)
     mask = torch.cat([rollout.prompt_mask, rollout.completion_mask.long()], 1)
     positions = (mask.cumsum(1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-    p = rollout.prompt_ids.size(1)
-    return logits[:, p - 1:-1].float() / temperature
+    logits = forward(model, ids, mask, positions, keep=rollout.completion_ids.size(1) + 1).logits
+    return logits[:, :-1].float() / temperature  # (N, T, V): position t predicts completion token t
 
 
 def token_logprobs(model, rollout, temperature=None):
@@ -573,11 +589,9 @@ def token_logprobs(model, rollout, temperature=None):
     temperature=None scores at the rollout's sampling temperature, which is right for the policy that
     sampled it; pass temperature=1.0 for any model that only scores (see `completion_logits`)."""
     temperature = rollout.temperature if temperature is None else temperature
-    logp_all = completion_logits(model, rollout, temperature).log_softmax(-1)
+    logp_all = completion_logits(model, rollout, temperature).log_softmax(-1)  # (N, T, V)
     logp = logp_all.gather(-1, rollout.completion_ids[..., None]).squeeze(-1)
-    with torch.no_grad():
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, entropy
+    return logp, entropy_from_logprobs(logp_all)
 
 
 def masked_mean(x, mask):
@@ -604,18 +618,101 @@ def rollout_groups(model, tok, task, examples, group_size, args, device, teacher
 
 
 @torch.no_grad()
-def evaluate(model, tok, task, device, max_new_tokens):
+def evaluate(model, tok, task, device, max_new_tokens, rows=0):
     """Greedy decoding on the held-out set: (per-character accuracy, exact-match rate, entropy), the
     entropy being the mean full next-token entropy along the greedy completions (what rl-experiments
-    logs as its test entropy; the step lines' entropy is over the sampled training completions)."""
+    logs as its test entropy; the step lines' entropy is over the sampled training completions).
+    Generated and scored `rows` prompts at a time (0: all at once), as the training's micro-batches."""
     model.eval()
-    prompt_ids, prompt_mask = encode(tok, [ex.prompt for ex in task.test], device)
-    rollout = sample(model, tok, prompt_ids, prompt_mask, max_new_tokens, greedy=True)
-    entropy = masked_mean(token_logprobs(model, rollout)[1], rollout.completion_mask)
+    texts, entropy, tokens = [], 0.0, 0
+    for part in micro_batches(len(task.test), rows):
+        prompt_ids, prompt_mask = encode(tok, [ex.prompt for ex in task.test[part]], device)
+        rollout = sample(model, tok, prompt_ids, prompt_mask, max_new_tokens, greedy=True)
+        mask = rollout.completion_mask
+        entropy = entropy + (token_logprobs(model, rollout)[1] * mask).sum()  # summed, then one division
+        texts, tokens = texts + rollout.texts, tokens + mask.sum()
     model.train()
-    acc = sum(char_accuracy(t, ex.answer) for t, ex in zip(rollout.texts, task.test)) / len(task.test)
-    exact = sum(t == ex.answer for t, ex in zip(rollout.texts, task.test)) / len(task.test)
+    entropy = entropy / tokens.clamp(min=1)  # a token mean over the whole held-out set
+    acc = sum(char_accuracy(t, ex.answer) for t, ex in zip(texts, task.test)) / len(task.test)
+    exact = sum(t == ex.answer for t, ex in zip(texts, task.test)) / len(task.test)
     return acc, exact, float(entropy)
+
+
+# --------------------------------------------------------------------------------------------------
+# Micro-batches, lean log-probs and precision: what lets the same files train a real model. A step's
+# batch is cut into micro-batches of whole groups; every forward pass holds one micro-batch's logits,
+# and those only at completion positions; gradients add up over the micro-batches into one optimizer
+# step, exactly the whole batch's because every loss is divided by a count of the *whole* batch.
+
+
+def micro_batches(n, rows):
+    """Row slices that cut a batch of n rows into micro-batches of `rows` rows, the last one possibly
+    smaller; rows 0 (or >= n) gives one slice, the whole batch. The files pass --micro_batch prompts times
+    their rows per prompt, so a micro-batch always holds whole groups."""
+    rows = rows if 0 < rows < n else max(n, 1)
+    return [slice(i, min(i + rows, n)) for i in range(0, n, rows)]
+
+
+@functools.lru_cache
+def keeps_logits(model_class):
+    """Whether a model class takes `logits_to_keep` (transformers >= 4.50 causal LMs do)."""
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+
+
+def forward(model, ids, mask, positions, keep=0, **kw):
+    """One call of the model. keep > 0 asks for the last `keep` positions' logits only (where the model
+    takes `logits_to_keep`; otherwise it returns them all and the caller slices). The call runs under
+    bfloat16 autocast when the policy was loaded for it (`model.autocast_dtype`, see `autocast_dtype`):
+    weights, gradients and optimizer state stay float32."""
+    if keep and keeps_logits(type(model)):
+        kw["logits_to_keep"] = keep
+    dtype = getattr(model, "autocast_dtype", None)
+    with torch.autocast(ids.device.type, dtype=dtype) if dtype else contextlib.nullcontext():
+        return model(input_ids=ids, attention_mask=mask, position_ids=positions, **kw)
+
+
+@torch.no_grad()
+def entropy_from_logprobs(logp_all, positions=1024):
+    """Entropy of each next-token distribution, (N, T, V) -> (N, T), a metric: no graph, and computed
+    `positions` positions at a time, because exp() of the log-probs is one more tensor the size of the
+    logits (TRL's entropy_from_logits and verl's chunked entropy do the same)."""
+    flat = logp_all.flatten(0, -2)  # (N * T, V)
+    return torch.cat([-(c.exp() * c).sum(-1) for c in flat.split(positions)]).view(logp_all.shape[:-1])
+
+
+@torch.no_grad()
+def score(model, rollout, rows=0, temperature=None):
+    """`token_logprobs` for a pass that only reads them (pi_old, the reference, a pricing pass): no graph,
+    `rows` completions at a time (0: all at once). Returns (N, T) log-probs and entropies."""
+    parts = [token_logprobs(model, rollout.rows(part), temperature)
+             for part in micro_batches(rollout.completion_ids.size(0), rows)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+class BatchMetrics:
+    """The whole batch's loss and token means, added up from its micro-batches. A micro-batch's loss is
+    already divided by a count of the whole batch, so losses add; a token mean (ratio, clip_frac, kl,
+    entropy, a gate) is weighted by the micro-batch's share of the batch's `tokens`. With one micro-batch
+    the share is exactly 1, so the values are bit for bit those of the unsplit batch."""
+
+    def __init__(self, tokens):
+        self.tokens, self.sums = tokens, {}
+
+    def add(self, mask, loss, **token_means):
+        share = mask.sum() / self.tokens  # this micro-batch's share of the batch's tokens
+        for key, value in {"loss": loss.detach(), **{k: v * share for k, v in token_means.items()}}.items():
+            self.sums[key] = value if key not in self.sums else self.sums[key] + value
+
+    def totals(self):
+        return dict(self.sums)
+
+
+def autocast_dtype(args, device):
+    """--dtype: auto is bfloat16 autocast for a --model on CUDA and float32 everywhere else (the tiny
+    default, the CPU, MPS); None means plain float32. Weights and optimizer state are float32 either way."""
+    if args.dtype == "bfloat16" or (args.dtype == "auto" and args.model and device.type == "cuda"):
+        return torch.bfloat16
+    return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -727,6 +824,14 @@ def check_common_args(args, min_group=2):
         fail("--device cuda was asked for but no CUDA device is available")
     if args.device == "mps" and not torch.backends.mps.is_available():
         fail("--device mps was asked for but MPS is not available")
+    if not 0 <= args.micro_batch <= args.prompts_per_step:
+        fail(f"--micro_batch must lie between 0 (the whole batch at once) and --prompts_per_step "
+             f"({args.prompts_per_step}) prompts, got {args.micro_batch}")
+    if args.dtype not in ("auto", "float32", "bfloat16"):
+        fail(f"--dtype {args.dtype!r} is unknown; choose auto, float32 or bfloat16")
+    device = pick_device(args.device, bool(args.model))
+    if args.dtype == "bfloat16" and not (device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        fail(f"--dtype bfloat16 needs a CUDA device that supports it; this run is on {device.type}")
     if args.log_jsonl:
         check_log_path(args.log_jsonl)
 
@@ -741,12 +846,15 @@ def check_log_path(path):
         fail(f"--log_jsonl {path!r} cannot be written ({e.strerror or type(e).__name__})")
 
 
-def pick_device(name):
+def pick_device(name, pretrained=False):
+    """--device auto: the built-in tiny model on the CPU, a pretrained --model on CUDA, then MPS, then the
+    CPU. The tiny model is 0.1M parameters on a few hundred rows of ten tokens: each operation is too small
+    to fill a GPU, so a step costs its kernel launches and synchronisations, which the CPU does not pay."""
     if name != "auto":
         return torch.device(name)
-    if torch.cuda.is_available():
+    if pretrained and torch.cuda.is_available():
         return torch.device("cuda")
-    if torch.backends.mps.is_available():
+    if pretrained and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
 
@@ -756,7 +864,7 @@ def setup(args, task=None):
     Returns (task, model, tokenizer, device, logger, rng), where rng draws the training prompts."""
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    device = pick_device(args.device)
+    device = pick_device(args.device, bool(args.model))
     task = task or make_task(args.task, binary=args.binary)
     model, tok = load_policy(args, task, device)
     logger = Logger(args.log_jsonl)

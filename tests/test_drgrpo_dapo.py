@@ -48,9 +48,9 @@ def test_drgrpo_constant_length_aggregation():
     per_token = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
     # token sums 1 + 2 = 3 and 4, each over L_max = 4: (3/4 + 4/4) / 2 = 0.875
-    assert drgrpo.aggregate(per_token, mask, max_len=4).item() == pytest.approx(0.875)
+    assert drgrpo.aggregate(per_token, mask, max_len=4, n=2).item() == pytest.approx(0.875)
     # GRPO divides by each completion's own length instead: (3/2 + 4/1) / 2 = 2.75
-    assert grpo.aggregate(per_token, mask).item() == pytest.approx(2.75)
+    assert grpo.aggregate(per_token, mask, n=2).item() == pytest.approx(2.75)
 
 
 def test_drgrpo_every_token_gets_the_same_weight():
@@ -60,7 +60,7 @@ def test_drgrpo_every_token_gets_the_same_weight():
     logp = torch.zeros(2, 2, requires_grad=True)
     mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
     loss, _ = drgrpo.policy_loss(logp, logp.detach(), logp.detach(), torch.tensor([1.0, -1.0]), mask,
-                                 clip_eps=0.2, beta=0.0, max_len=4)
+                                 clip_eps=0.2, beta=0.0, max_len=4, n=2)
     assert loss.item() == pytest.approx(-0.125)
     loss.backward()
     assert torch.allclose(logp.grad, torch.tensor([[-0.125, -0.125], [0.125, 0.0]]))
@@ -81,16 +81,16 @@ def test_drgrpo_equals_grpo_in_the_limit():
     logp_grpo = logp_dr.detach().clone().requires_grad_()
     mask = torch.ones(8, length)
     loss_dr, _ = drgrpo.policy_loss(logp_dr, old, old, drgrpo.group_advantages(rewards).view(-1), mask,
-                                    clip_eps=0.2, beta=0.0, max_len=length)
+                                    clip_eps=0.2, beta=0.0, max_len=length, n=8)
     loss_grpo, stats = grpo.policy_loss(logp_grpo, old, old, grpo.group_advantages(rewards, eps=0.0).view(-1),
-                                        mask, clip_eps=0.2, beta=0.0)
+                                        mask, clip_eps=0.2, beta=0.0, n=8)
     assert 0 < stats["clip_frac"].item() < 1  # the clip is active on some tokens, not all
     assert loss_grpo.item() == pytest.approx(loss_dr.item(), rel=1e-6)
     loss_dr.backward()
     loss_grpo.backward()
     assert torch.allclose(logp_grpo.grad, logp_dr.grad, atol=1e-7)
     # with GRPO's default eps = 1e-4 the losses differ by exactly the factor 1 + eps
-    loss_eps, _ = grpo.policy_loss(logp_grpo, old, old, grpo.group_advantages(rewards).view(-1), mask, 0.2, 0.0)
+    loss_eps, _ = grpo.policy_loss(logp_grpo, old, old, grpo.group_advantages(rewards).view(-1), mask, 0.2, 0.0, 8)
     assert loss_eps.item() * (1 + 1e-4) == pytest.approx(loss_dr.item(), rel=1e-6)
 
 
@@ -106,7 +106,7 @@ def test_dapo_asymmetric_clip_at_both_edges():
     old = torch.zeros(5, 1)
     logp = torch.log(torch.tensor([[1.35], [1.35], [0.7], [0.7], [1.25]])).requires_grad_()
     adv, mask = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0]), torch.ones(5, 1)
-    loss, stats = dapo.policy_loss(logp, old, adv, mask, clip_eps=0.2, clip_eps_high=0.28)
+    loss, stats = dapo.policy_loss(logp, old, adv, mask, clip_eps=0.2, clip_eps_high=0.28, tokens=mask.sum())
     assert loss.item() == pytest.approx(-0.216)
     # four ratios lie outside [0.8, 1.28], but the clip removed the gradient of two only, (1.35, +1)
     # and (0.7, -1): TRL's clip_ratio/region_mean and verl's pg_clipfrac count those
@@ -114,7 +114,7 @@ def test_dapo_asymmetric_clip_at_both_edges():
     loss.backward()
     # the clipped tokens get no gradient; the others get d(-rho A / 5)/dlogp = -rho A / 5
     assert torch.allclose(logp.grad.view(-1), torch.tensor([0.0, 1.35 / 5, -0.7 / 5, 0.0, -1.25 / 5]))
-    grpo_loss, _ = grpo.policy_loss(logp[4:].detach(), old[4:], old[4:], adv[4:], mask[4:], 0.2, 0.0)
+    grpo_loss, _ = grpo.policy_loss(logp[4:].detach(), old[4:], old[4:], adv[4:], mask[4:], 0.2, 0.0, 1)
     assert grpo_loss.item() == pytest.approx(-1.2)  # the symmetric clip stops the same token at 1.2
 
 
@@ -122,7 +122,7 @@ def test_dapo_token_mean_aggregation():
     per_token = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
     # every real token of the batch, one mean: (1 + 2 + 4) / 3 = 7/3 (GRPO: 2.75, Dr. GRPO at L_max 4: 0.875)
-    assert dapo.aggregate(per_token, mask).item() == pytest.approx(7 / 3)
+    assert dapo.aggregate(per_token, mask, tokens=mask.sum()).item() == pytest.approx(7 / 3)
 
 
 @pytest.mark.parametrize("max_len,cache,expected", [

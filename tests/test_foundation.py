@@ -62,8 +62,8 @@ def test_k3_kl():
 def test_aggregation():
     per_token = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
-    assert pg.aggregate(per_token, mask).item() == pytest.approx((3 + 4) / 2)  # sums 3 and 4
-    assert grpo.aggregate(per_token, mask).item() == pytest.approx((1.5 + 4) / 2)  # means 1.5 and 4
+    assert pg.aggregate(per_token, mask, n=2).item() == pytest.approx((3 + 4) / 2)  # sums 3 and 4
+    assert grpo.aggregate(per_token, mask, n=2).item() == pytest.approx((1.5 + 4) / 2)  # means 1.5 and 4
 
 
 def test_grpo_clipped_surrogate_at_both_edges():
@@ -72,7 +72,7 @@ def test_grpo_clipped_surrogate_at_both_edges():
     old = torch.zeros(4, 1)
     logp = torch.log(torch.tensor([[1.5], [1.5], [0.5], [0.5]])).requires_grad_()
     adv, mask = torch.tensor([1.0, -1.0, 1.0, -1.0]), torch.ones(4, 1)
-    loss, stats = grpo.policy_loss(logp, old, old, adv, mask, clip_eps=0.2, beta=0.0)
+    loss, stats = grpo.policy_loss(logp, old, old, adv, mask, clip_eps=0.2, beta=0.0, n=4)
     assert loss.item() == pytest.approx(-(1.2 - 1.5 + 0.5 - 0.8) / 4)
     # every ratio lies outside [0.8, 1.2], but the clip removed the gradient of two tokens only:
     # (1.5, +1) and (0.5, -1). That is what TRL (clip_ratio/region_mean) and verl (pg_clipfrac) count.
@@ -99,7 +99,7 @@ def test_grpo_clip_frac_is_what_verl_and_trl_count():
     adv = torch.randn(16)
     adv[3] = 0.0
     mask = (torch.rand(16, 12) < 0.8).float()
-    loss, stats = grpo.policy_loss(logp, old, old, adv, mask, clip_eps=0.2, beta=0.0)
+    loss, stats = grpo.policy_loss(logp, old, old, adv, mask, clip_eps=0.2, beta=0.0, n=16)
     ratio = torch.exp(logp.detach() - old)
     expected = verl_pg_clipfrac(ratio, adv, mask, 0.2, 0.2)
     assert 0.1 < expected < 0.5 and stats["clip_frac"].item() == pytest.approx(expected.item(), abs=1e-7)
@@ -113,14 +113,14 @@ def test_grpo_clip_frac_is_what_verl_and_trl_count():
 def test_grpo_kl_term_enters_the_loss():
     logp = torch.zeros(1, 2, requires_grad=True)
     ref = torch.full((1, 2), math.log(0.5))  # k3 = exp(log .5) - log .5 - 1 = 0.193147 per token
-    loss, stats = grpo.policy_loss(logp, logp.detach(), ref, torch.zeros(1), torch.ones(1, 2), 0.2, beta=0.1)
+    loss, stats = grpo.policy_loss(logp, logp.detach(), ref, torch.zeros(1), torch.ones(1, 2), 0.2, beta=0.1, n=1)
     assert loss.item() == pytest.approx(0.1 * 0.193147, abs=1e-6)
     assert stats["kl"].item() == pytest.approx(0.193147, abs=1e-6)
 
 
 def test_pg_ratio_is_one_and_nothing_clips():
     logp = torch.randn(3, 4, requires_grad=True)
-    _, stats = pg.policy_loss(logp, logp.detach(), torch.tensor([1.0, -0.5, 0.2]), torch.ones(3, 4))
+    _, stats = pg.policy_loss(logp, logp.detach(), torch.tensor([1.0, -0.5, 0.2]), torch.ones(3, 4), 3)
     assert stats["ratio"].item() == 1.0 and stats["clip_frac"].item() == 0.0 and stats["kl"].item() == 0.0
 
 
@@ -133,9 +133,9 @@ def test_grpo_equals_pg_in_the_limit():
     logp_pg = torch.randn(g, length).requires_grad_()
     logp_grpo = logp_pg.detach().clone().requires_grad_()
     mask = torch.ones(g, length)
-    pg.policy_loss(logp_pg, logp_pg.detach(), pg.group_advantages(rewards).view(-1), mask)[0].backward()
+    pg.policy_loss(logp_pg, logp_pg.detach(), pg.group_advantages(rewards).view(-1), mask, g)[0].backward()
     grpo.policy_loss(logp_grpo, logp_grpo.detach(), logp_grpo.detach(), grpo.group_advantages(rewards).view(-1),
-                     mask, clip_eps=0.2, beta=0.0)[0].backward()
+                     mask, clip_eps=0.2, beta=0.0, n=g)[0].backward()
     std = rewards.std(unbiased=False).item()
     c = (g - 1) / (g * (std + 1e-4) * length)
     assert torch.allclose(logp_grpo.grad, c * logp_pg.grad, atol=1e-7)

@@ -32,10 +32,10 @@ def test_reverse_and_forward_kl_hand_worked():
     # H(S) = -(0.5 ln 0.5 + 0.5 ln 0.25) = 0.3465736 + 0.6931472 = 1.0397208
     student = torch.log(torch.tensor([[[0.5, 0.25, 0.25]]]))  # (N=1, T=1, V=3)
     teacher = torch.log(torch.tensor([[[0.8, 0.1, 0.1]]]))
-    assert opd.reverse_kl(student, teacher).item() == pytest.approx(0.2231436, abs=1e-6)
-    assert opd.reverse_kl(teacher, student).item() == pytest.approx(0.1927448, abs=1e-6)
+    assert opd.kl(student, teacher).item() == pytest.approx(0.2231436, abs=1e-6)
+    assert opd.kl(teacher, student).item() == pytest.approx(0.1927448, abs=1e-6)
     assert opd.entropy(student).item() == pytest.approx(1.0397208, abs=1e-6)
-    assert opd.reverse_kl(student, student).item() == pytest.approx(0.0, abs=1e-7)
+    assert opd.kl(student, student).item() == pytest.approx(0.0, abs=1e-7)
 
 
 def test_sampled_advantage_and_its_gradient_is_minus_a():
@@ -47,7 +47,7 @@ def test_sampled_advantage_and_its_gradient_is_minus_a():
     adv = opd.distill_advantages(logp, teacher_logp)
     assert not adv.requires_grad  # detached whole, the student's own log-prob included
     assert torch.allclose(adv[0, :2], torch.tensor([-math.log(2), math.log(2)]))
-    loss, stats = opd.policy_loss(logp, logp.detach(), adv, mask)
+    loss, stats = opd.policy_loss(logp, logp.detach(), adv, mask, 1)
     loss.backward()
     # d loss / d log pi_S(a_t) = -A_t exactly: not -A_t + (log pi_S - log pi_T), which an undetached
     # advantage would add (the gradient of (log pi_S)^2 / 2); 0 on the padded token.
@@ -63,9 +63,9 @@ def test_full_gradient_wrt_logits_is_analytic():
     teacher = torch.randn(2, 3, 5).log_softmax(-1)
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
     logp_all = logits.log_softmax(-1)
-    opd.aggregate(opd.reverse_kl(logp_all, teacher), mask).backward()
+    opd.aggregate(opd.kl(logp_all, teacher), mask, 2).backward()
     with torch.no_grad():
-        p, kl = logp_all.exp(), opd.reverse_kl(logp_all, teacher)
+        p, kl = logp_all.exp(), opd.kl(logp_all, teacher)
         analytic = p * (logp_all - teacher - kl[..., None]) * mask[..., None] / 2
     assert torch.allclose(logits.grad, analytic, atol=1e-6)
     assert torch.equal(logits.grad[1, 2], torch.zeros(5))
@@ -81,10 +81,10 @@ def test_both_estimators_share_one_expected_gradient():
     expected = torch.zeros(4)
     for a in range(4):
         logp = logits.log_softmax(-1)[..., a]  # (1, 1)
-        loss, _ = opd.policy_loss(logp, logp.detach(), opd.distill_advantages(logp, teacher[..., a]), mask)
+        loss, _ = opd.policy_loss(logp, logp.detach(), opd.distill_advantages(logp, teacher[..., a]), mask, 1)
         (grad,) = torch.autograd.grad(loss, logits)
         expected += logits.softmax(-1)[0, 0, a].detach() * grad[0, 0]
-    (full,) = torch.autograd.grad(opd.aggregate(opd.reverse_kl(logits.log_softmax(-1), teacher), mask), logits)
+    (full,) = torch.autograd.grad(opd.aggregate(opd.kl(logits.log_softmax(-1), teacher), mask, 1), logits)
     assert torch.allclose(expected, full[0, 0], atol=1e-6)
 
 

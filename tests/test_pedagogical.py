@@ -106,7 +106,7 @@ def test_imitation_loss_normalises_each_completion_by_its_gate_mass():
     # mean over the two: 1.897862
     logp = torch.tensor([[math.log(0.5), -2.5], [-2.5, -9.0]], requires_grad=True)
     mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
-    loss, gate = ped.imitation_loss(logp, mask, 4.0, -2.5)
+    loss, gate = ped.imitation_loss(logp, mask, 4.0, -2.5, 2)
     assert loss.item() == pytest.approx(1.897862, abs=1e-6)
     assert gate.item() == pytest.approx((0.999274 + 0.5 + 0.5) / 3, abs=1e-6)  # mean over real tokens
     # no gradient through the gate: d loss / d logp_t = -w_t / sum_t w_t / B, 0 on padding
@@ -138,7 +138,7 @@ def test_learnability_pass_sees_no_context_and_builds_no_graph():
     seen = [tok.decode(row, skip_special_tokens=True) for row in view.prompt_ids]
     assert seen == [ex.prompt for ex in examples] and not any("|" in s for s in seen)  # no context
     assert torch.equal(view.completion_ids, rollout.completion_ids)
-    args = SimpleNamespace(spike_beta=5.0, lam=0.5)
+    args = SimpleNamespace(spike_beta=5.0, lam=0.5, micro_batch=0, group_size=1)
     gain, penalty = ped.learnability_pass(student, view, args)
     assert not gain.requires_grad and not penalty.requires_grad and gain.grad_fn is None
     assert all(p.grad is None for p in student.parameters())
@@ -230,8 +230,8 @@ def test_teacher_update_equals_grpo_without_kl():
     logp_a = (old + 0.3 * torch.randn(32, 6)).requires_grad_()
     logp_b = logp_a.detach().clone().requires_grad_()
     adv, mask = grpo.group_advantages(rewards).view(-1), (torch.rand(32, 6) < 0.8).float()
-    loss_a, stats_a = ped.policy_loss(logp_a, old, adv, mask, 0.2)
-    loss_b, stats_b = grpo.policy_loss(logp_b, old, old, adv, mask, 0.2, beta=0.0)
+    loss_a, stats_a = ped.policy_loss(logp_a, old, adv, mask, 0.2, 32)
+    loss_b, stats_b = grpo.policy_loss(logp_b, old, old, adv, mask, 0.2, beta=0.0, n=32)
     loss_a.backward()
     loss_b.backward()
     assert torch.allclose(loss_a, loss_b) and torch.allclose(logp_a.grad, logp_b.grad)

@@ -72,7 +72,7 @@ def test_tpo_gradient_is_p_minus_q():
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0],
                          [1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.float)
     q = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])  # (P, G) a frozen target
-    loss, _ = tpo.policy_loss(logp, logp.detach(), q, mask)
+    loss, _ = tpo.policy_loss(logp, logp.detach(), q, mask, 2)
     loss.backward()
     p = (logp.detach() * mask).sum(1).view(2, 3).softmax(1)  # (P, G)
     expected = ((p - q) / 2).reshape(6, 1) * mask  # (N, T)
@@ -83,7 +83,7 @@ def test_tpo_gradient_vanishes_at_the_target():
     # When the policy over the candidates already equals q, there is nothing left to learn.
     s = torch.tensor([[-2.0, -3.0, -1.0]])
     logp = s.view(3, 1).clone().requires_grad_()  # one token each: s_i = logp_i
-    loss, _ = tpo.policy_loss(logp, logp.detach(), s.softmax(1), torch.ones(3, 1))
+    loss, _ = tpo.policy_loss(logp, logp.detach(), s.softmax(1), torch.ones(3, 1), 1)
     loss.backward()
     assert torch.allclose(logp.grad, torch.zeros(3, 1), atol=1e-7)
 
@@ -173,7 +173,8 @@ def test_kondo_pass_and_row_selection_on_the_tiny_model():
     ids, pmask = tt.encode(tok, ["abc=", "abcdab=", "dd=", "cab="], "cpu")
     rollout = tt.sample(model, tok, ids, pmask, 10)
     adv = torch.tensor([0.5, -0.5, 1.0, -1.0])
-    keep, entropy = dg.kondo_pass(model, rollout, adv, SimpleNamespace(kondo_keep_rate=0.5, eta=1.0, kondo_hard=True))
+    keep, entropy = dg.kondo_pass(model, rollout, adv, SimpleNamespace(kondo_keep_rate=0.5, eta=1.0, kondo_hard=True,
+                                                                        micro_batch=0, group_size=1))
     assert keep.tolist() == [True, False, True, False] and entropy.shape == rollout.completion_ids.shape
     sub = rollout.select(keep)
     with torch.no_grad():

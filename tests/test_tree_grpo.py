@@ -105,8 +105,8 @@ def test_a_tree_without_forks_is_the_parents_group():
     torch.manual_seed(0)
     old = torch.randn(8, 4)
     logp = old + 0.3 * torch.randn(8, 4)  # ratios on both sides of the clip band
-    loss_tree, stats_tree = tree.policy_loss(logp, old, old, tree_grpo, mask, 0.2, 0.04)
-    loss_chain, stats_chain = grpo.policy_loss(logp, old, old, chain.view(-1), mask, 0.2, 0.04)
+    loss_tree, stats_tree = tree.policy_loss(logp, old, old, tree_grpo, mask, 0.2, 0.04, 8)
+    loss_chain, stats_chain = grpo.policy_loss(logp, old, old, chain.view(-1), mask, 0.2, 0.04, 8)
     assert loss_tree.item() == pytest.approx(loss_chain.item(), rel=1e-6)
     assert all(stats_tree[k].item() == pytest.approx(stats_chain[k].item()) for k in stats_chain)
 
@@ -117,7 +117,7 @@ def test_per_token_clip_frac_counts_what_trl_and_verl_count():
     old = torch.zeros(1, 4)
     logp = torch.log(torch.tensor([[1.5, 1.5, 0.5, 0.5]])).requires_grad_()
     adv = torch.tensor([[1.0, -1.0, 1.0, -1.0]])
-    loss, stats = tree.policy_loss(logp, old, old, adv, torch.ones(1, 4), clip_eps=0.2, beta=0.0)
+    loss, stats = tree.policy_loss(logp, old, old, adv, torch.ones(1, 4), clip_eps=0.2, beta=0.0, n=1)
     # min(rho A, clip(rho) A) = 1.2, -1.5, 0.5, -0.8; token mean -> loss = -(1.2 - 1.5 + 0.5 - 0.8) / 4
     assert loss.item() == pytest.approx(0.15) and stats["clip_frac"].item() == pytest.approx(0.5)
 
@@ -167,7 +167,8 @@ def grown(monkeypatch=None, rounds=2, warmup=0, seed=0, prompts=6):
             calls.append((ids, mask, r))
             return r
         monkeypatch.setattr(tt, "sample", spy)
-    args = SimpleNamespace(trees=3, forks=2, rounds=rounds, branches=2, max_new_tokens=10, temperature=1.0)
+    args = SimpleNamespace(trees=3, forks=2, rounds=rounds, branches=2, max_new_tokens=10, temperature=1.0,
+                           micro_batch=0)
     examples = task.test[:prompts]
     ids, mask = tt.encode(tok, [ex.prompt for ex in examples], "cpu")
     rollout, owner, gen_tokens, stats = tree.grow_trees(model, tok, ids, mask, args)

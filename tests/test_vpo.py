@@ -187,7 +187,8 @@ def test_evaluate_counts_answers_not_completions(monkeypatch):
     monkeypatch.setattr(tt, "sample", stub_sampler(texts, [False, False, True]))
     monkeypatch.setattr(tt, "token_logprobs", stub_scorer)
     model = SimpleNamespace(eval=lambda: None, train=lambda: None)
-    args = SimpleNamespace(m=3, eval_answers=9, max_new_tokens=24, eval_temperature=0.7, w_gold=0.5)
+    args = SimpleNamespace(m=3, eval_answers=9, max_new_tokens=24, eval_temperature=0.7, w_gold=0.5,
+                           micro_batch=0, group_size=3)
     test_acc, exact, entropy, found = vpo.evaluate(model, tok, task, "cpu", args)
     assert entropy == pytest.approx(0.5)
     # pool of 9 answers, gold scores: dbac .5, db .625, d .59375 | db .625 x3 (copies count here) |
@@ -207,7 +208,8 @@ def test_evaluate_counts_answers_not_completions(monkeypatch):
     task1 = tt.AnswerSetTask(m=1)
     task1.test = [tt.Example("cabd=", "dbac", "dbac")]
     monkeypatch.setattr(tt, "sample", stub_sampler(["db"] * 9, [False] * 9))
-    args1 = SimpleNamespace(m=1, eval_answers=9, max_new_tokens=24, eval_temperature=0.7, w_gold=0.5)
+    args1 = SimpleNamespace(m=1, eval_answers=9, max_new_tokens=24, eval_temperature=0.7, w_gold=0.5,
+                           micro_batch=0, group_size=3)
     test_acc, exact, _, found = vpo.evaluate(model, tok, task1, "cpu", args1)
     assert test_acc == pytest.approx(0.625, abs=0.02)  # E_w over 100 draws of w . (0.5, 0.75), about 0.625
     assert found["gold@9"] == pytest.approx(0.625) and found["diversity"] == 0 and exact == 0
