@@ -262,10 +262,11 @@ def evaluate(model, tok, task, device, args):
     model.eval()
     with torch.random.fork_rng():  # a fixed stream of its own: evaluating never shifts the training run
         torch.manual_seed(12345)
-        for part in tt.micro_batches(len(examples), args.micro_batch * args.group_size):  # as in training
+        rows = args.micro_batch * args.group_size  # the logits held at once, as in training (tt.evaluate)
+        for part in tt.micro_batches(len(examples), rows * args.max_new_tokens):
             ids, mask = tt.encode(tok, [ex.prompt for ex in examples[part]], device)
             rollout = tt.sample(model, tok, ids, mask, args.max_new_tokens, args.eval_temperature)
-            entropy = entropy + (tt.token_logprobs(model, rollout, temperature=1.0)[1] * rollout.completion_mask).sum()
+            entropy = entropy + (tt.score(model, rollout, rows, temperature=1.0)[1] * rollout.completion_mask).sum()
             texts, truncated = texts + rollout.texts, truncated + rollout.truncated.tolist()
             tokens = tokens + rollout.completion_mask.sum()
     model.train()

@@ -622,14 +622,16 @@ def evaluate(model, tok, task, device, max_new_tokens, rows=0):
     """Greedy decoding on the held-out set: (per-character accuracy, exact-match rate, entropy), the
     entropy being the mean full next-token entropy along the greedy completions (what rl-experiments
     logs as its test entropy; the step lines' entropy is over the sampled training completions).
-    Generated and scored `rows` prompts at a time (0: all at once), as the training's micro-batches."""
+    rows > 0 bounds the logits held at once as training's micro-batches do: the entropy pass scores
+    `rows` completions at a time, and the sampler, which holds one position's logits per row, decodes
+    rows * max_new_tokens prompts at a time. 0: everything at once."""
     model.eval()
     texts, entropy, tokens = [], 0.0, 0
-    for part in micro_batches(len(task.test), rows):
+    for part in micro_batches(len(task.test), rows * max_new_tokens):
         prompt_ids, prompt_mask = encode(tok, [ex.prompt for ex in task.test[part]], device)
         rollout = sample(model, tok, prompt_ids, prompt_mask, max_new_tokens, greedy=True)
         mask = rollout.completion_mask
-        entropy = entropy + (token_logprobs(model, rollout)[1] * mask).sum()  # summed, then one division
+        entropy = entropy + (score(model, rollout, rows)[1] * mask).sum()  # summed, then one division
         texts, tokens = texts + rollout.texts, tokens + mask.sum()
     model.train()
     entropy = entropy / tokens.clamp(min=1)  # a token mean over the whole held-out set

@@ -194,7 +194,7 @@ def test_held_out_scoring_is_against_the_reversal_alone(monkeypatch):
             k = ids.size(0) // len(texts)  # sampled_exact asks for several samples per prompt
             return SimpleNamespace(texts=[t for t in texts for _ in range(k)], completion_mask=torch.ones(len(ids), 1))
         monkeypatch.setattr(tt, "sample", fake_sample)
-        monkeypatch.setattr(tt, "token_logprobs", lambda model, r: (None, torch.zeros(len(r.texts), 1)))
+        monkeypatch.setattr(tt, "score", lambda model, r, rows=0: (None, torch.zeros(len(r.texts), 1)))
         assert tt.evaluate(torch.nn.Linear(1, 1), tok, task, "cpu", 10)[1] == exact
         assert tt.sampled_exact(torch.nn.Linear(1, 1), tok, task, torch.device("cpu"), 10) == exact
     assert all(task.reward(k, ex) == 1 for k, ex in zip(keys, task.test))

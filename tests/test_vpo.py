@@ -172,8 +172,8 @@ def stub_sampler(texts, truncated):
     return sample
 
 
-def stub_scorer(model, rollout, temperature=None):
-    """Stands in for tt.token_logprobs: an entropy of 0.5 at every position, scored at temperature 1."""
+def stub_scorer(model, rollout, rows=0, temperature=None):
+    """Stands in for tt.score: an entropy of 0.5 at every position, scored at temperature 1."""
     assert temperature == 1.0
     return None, torch.full_like(rollout.completion_mask, 0.5)
 
@@ -185,7 +185,7 @@ def test_evaluate_counts_answers_not_completions(monkeypatch):
     tok = tt.build_char_tokenizer(task.alphabet)
     texts = ["dbac|db|d", "db|db|db", "dbac|dbacdbac"]  # the last is cut off: "dbacdbac" scores 0
     monkeypatch.setattr(tt, "sample", stub_sampler(texts, [False, False, True]))
-    monkeypatch.setattr(tt, "token_logprobs", stub_scorer)
+    monkeypatch.setattr(tt, "score", stub_scorer)
     model = SimpleNamespace(eval=lambda: None, train=lambda: None)
     args = SimpleNamespace(m=3, eval_answers=9, max_new_tokens=24, eval_temperature=0.7, w_gold=0.5,
                            micro_batch=0, group_size=3)
