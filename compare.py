@@ -262,6 +262,7 @@ def tree_vs_chains_one_seed(args, seed):
 
     run = tree.Args(seed=seed, binary=True, trees=args.trees, forks=args.forks, rounds=args.rounds,
                     branches=args.branches, warmup_steps=args.warmup_steps, device="cpu")
+    tree.check_args(run)  # also fills in the task's own token budget
     task, model, tok, device, _, _ = tt.setup(run)
     model.eval()
     prompts = task.test[:args.prompts] * args.repeats

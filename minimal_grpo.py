@@ -35,7 +35,13 @@ import toy_tasks as tt
 @dataclass
 class Args:
     task: str = "reverse"
-    """task to train on: reverse (per-character reward), add (exact match: sparse) or tokrev (the published toy)"""
+    """task to train on: reverse (per-character reward), add (exact match: sparse), tokrev (the published toy) or gsm8k
+    (a real task for a --model; test_acc is then the share of held-out problems answered right)"""
+    data: str = ""
+    """--task gsm8k: a local folder of train and test files (or one file) with GSM8K's fields; empty downloads
+    openai/gsm8k"""
+    eval_size: int = 0
+    """--task gsm8k: held-out problems evaluated, the first of the test split (0: 200)"""
     binary: bool = False
     """score reverse by exact match (1 or 0) instead of per-character credit"""
     model: str = ""
@@ -61,8 +67,9 @@ class Args:
     """weight of the k3 KL penalty to the frozen base model (0: no reference model)"""
     max_grad_norm: float = 1.0
     """gradient-norm clip"""
-    max_new_tokens: int = 10
-    """token budget per completion; one that never emits EOS is truncated and marked"""
+    max_new_tokens: int = -1
+    """token budget per completion, one that never emits EOS is truncated and marked (-1: the task's own,
+    10 for the toys, 256 for gsm8k)"""
     temperature: float = 1.0
     """sampling temperature (log-probs are taken at the same temperature)"""
     eval_every: int = 20

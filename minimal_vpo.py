@@ -204,6 +204,8 @@ def update(model, optimizer, rollout, adv, old_logp, ref_logp, step, args):
 
 
 def check_args(args):
+    if args.task != "reverse" or args.binary:
+        tt.fail("--task must be reverse and --binary off: the (quality, brevity) reward is defined on reverse")
     tt.check_common_args(args, min_group=2)
     if args.epochs < 1:
         tt.fail(f"--epochs must be at least 1, got {args.epochs}")
@@ -211,8 +213,6 @@ def check_args(args):
         tt.fail(f"--clip_eps must lie strictly between 0 and 1, got {args.clip_eps}")
     if args.beta < 0:
         tt.fail(f"--beta must not be negative, got {args.beta}")
-    if args.task != "reverse" or args.binary:
-        tt.fail("--task must be reverse and --binary off: the (quality, brevity) reward is defined on reverse")
     if args.m < 1 or args.n_weights < 1:
         tt.fail(f"--m and --n_weights must be at least 1, got {args.m} and {args.n_weights}")
     need = tt.AnswerSetTask(m=args.m).tokens_needed()

@@ -18,6 +18,7 @@ import inspect
 import json
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -69,6 +70,7 @@ class Task:
     separator = "|"  # joins privileged context to a prompt for a teacher's view
     warmup_steps = 40  # supervised warm-up steps that give this task's base model (--warmup_steps -1)
     ends_with_eos = True  # a completion ends with the end-of-sequence token; False: at the token budget
+    max_new_tokens = 10  # the task's own token budget per completion (--max_new_tokens -1)
 
     def __init__(self, binary=False, test_size=256, test_seed=1234):
         self.binary = binary
@@ -118,6 +120,17 @@ class Task:
     def warmup_batch(self, rng, n):
         """The examples one supervised warm-up step trains on: n fresh training examples."""
         return self.sample(rng, n)
+
+    def test_metrics(self, texts, examples):
+        """Held-out (test_acc, exact) of greedy completions: per-character accuracy and exact match."""
+        acc = sum(char_accuracy(t, ex.answer) for t, ex in zip(texts, examples)) / len(examples)
+        return acc, sum(t == ex.answer for t, ex in zip(texts, examples)) / len(examples)
+
+    step_extras, eval_extras = {}, {}  # what the Logger appends to step and eval lines (see Logger)
+
+    def extra_metrics(self, texts):
+        """Columns a task adds at the end of the step and eval lines (none for the toys)."""
+        return {}
 
 
 class ReverseTask(Task):
@@ -223,12 +236,162 @@ class KeyedReverseTask(ReverseTask):
 
 
 TASKS = {"reverse": ReverseTask, "add": AddTask, "tokrev": TokenReversalTask, "keyed": KeyedReverseTask}
+TASK_NAMES = [*TASKS, "gsm8k"]  # gsm8k is built from data (a download or --data), not generated
 
 
-def make_task(name, binary=False):
+def make_task(name, binary=False, data="", eval_size=0):
+    if name == "gsm8k":
+        return GSM8KTask(data, eval_size)
     if name not in TASKS:
-        fail(f"--task {name!r} is unknown; choose one of {', '.join(TASKS)}")
+        fail(f"--task {name!r} is unknown; choose one of {', '.join(TASK_NAMES)}")
     return TASKS[name](binary=binary)
+
+
+# --------------------------------------------------------------------------------------------------
+# GSM8K: a real task for a real model (--task gsm8k with a pretrained --model). Grade-school word
+# problems whose reference solution ends in "#### N"; a completion is right when its final number is N.
+
+GSM8K_INSTRUCTION = 'Solve the problem step by step, then write the final answer as a number after "####".'
+NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")  # 42, -7, 1,234, $18.00, 3.5: no trailing period
+
+
+def parse_number(text):
+    """A number as written ("1,234", "$18.00", "-7") -> float; commas and "$" dropped."""
+    return float(text.replace(",", "").replace("$", ""))
+
+
+def final_answer(text):
+    """One lenient answer check, for the reward and the evaluation alike: (the completion's final number
+    or None, whether it came after "####"). The number right after the last "####" if there is one (a
+    number in reasoning written after it does not count), else the last number in the text."""
+    if "####" in text:
+        found = NUMBER.search(text.rsplit("####", 1)[1])
+        if found:
+            return parse_number(found.group()), True
+    numbers = NUMBER.findall(text)
+    return (parse_number(numbers[-1]), False) if numbers else (None, False)
+
+
+def same_number(a, b):
+    return a is not None and b is not None and abs(a - b) <= 1e-6 * max(1.0, abs(b))
+
+
+def read_gsm8k(data):
+    """The train and test records ({question, answer} dicts) of GSM8K: `openai/gsm8k`, config main, from
+    the hub (a download, only because --task gsm8k asked for it) when data is empty; else a local folder
+    holding train and test files (.jsonl, .json or .parquet, named train* and test*, as the hub's main/
+    folder is), or one such file, whose first records the caller holds out."""
+    import datasets  # imported here: slow, and only this task needs it
+
+    datasets.disable_progress_bars()
+    if not data:
+        found = datasets.load_dataset("openai/gsm8k", "main")
+        return list(found["train"]), list(found["test"])
+    kind = lambda path: {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(os.path.splitext(path)[1])
+    if os.path.isfile(data):
+        return None, list(datasets.load_dataset(kind(data), data_files=data, split="train"))
+    splits = {}
+    for split in ("train", "test"):
+        for folder in (data, os.path.join(data, "main")):
+            files = sorted(f for f in os.listdir(folder) if f.startswith(split) and kind(f)) if os.path.isdir(folder) else []
+            if files:
+                paths = [os.path.join(folder, f) for f in files]
+                splits[split] = list(datasets.load_dataset(kind(files[0]), data_files=paths, split="train"))
+                break
+    if len(splits) < 2:
+        fail(f"--data {data!r} holds no train and test files (train*.jsonl / test*.jsonl, .json or .parquet)")
+    return splits["train"], splits["test"]
+
+
+class GSM8KTask(Task):
+    """GSM8K (Cobbe et al. 2021, arXiv 2110.14168): the prompt asks for step-by-step reasoning and the
+    final answer after "####", in the tokenizer's chat template when it has one (one user turn), plain
+    text otherwise. The reward is 1 when `final_answer` equals the reference's "#### N", else 0; held-out
+    test_acc is the same check on greedy completions (exact-answer accuracy, not string match), `exact`
+    the strict share that wrote the right number after "####", and `format` the share that used "####"
+    at all. `answer` is the reference solution, calculator annotations removed (what SFT imitates);
+    `context` the same solution, a privileged teacher's hint. The held-out set is the first --eval_size
+    test problems (200: about +-7 points of noise at an accuracy near 0.4)."""
+    name = "gsm8k"
+    warmup_steps = 0  # a pretrained model is never warmed up
+    max_new_tokens = 256  # shorter budgets cut answers off (nanoRL: 0.125 at 128 against 0.34 at 256)
+    default_eval_size = 200
+
+    def __init__(self, data="", eval_size=0):
+        self.binary, self.tok = True, None
+        train, test = read_gsm8k(data)
+        records = test if train is None else train + test
+        if records and not {"question", "answer"} <= set(records[0]):
+            fail(f"--data {data!r} lacks the fields question and answer (it has {', '.join(records[0])})")
+        self.eval_size = eval_size or min(self.default_eval_size, len(test) // 2 if train is None else len(test))
+        if self.eval_size > len(test) - (train is None):
+            fail(f"--eval_size {eval_size} is larger than the test split ({len(test)} problems"
+                 + (", one file: some must stay for training)" if train is None else ")"))
+        self.train = train if train is not None else test[self.eval_size:]
+        self.test_records = test[:self.eval_size]
+        self.test = []  # filled by `attach`, once the tokenizer that writes the prompts is known
+
+    def attach(self, tok):
+        """Write every prompt with the policy's tokenizer (its chat template, if it has one)."""
+        self.tok = tok
+        self.test = [self.example(r) for r in self.test_records]
+        self.test_prompts = {ex.prompt for ex in self.test}
+
+    def prompt(self, question):
+        text = f"{question}\n{GSM8K_INSTRUCTION}"
+        if not getattr(self.tok, "chat_template", None):
+            return text + "\n"
+        prompt = self.tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                              add_generation_prompt=True)
+        # `encode` tokenizes with the tokenizer's special tokens; a template that writes the BOS itself
+        # would otherwise get a second one
+        bos = self.tok.bos_token
+        if bos and prompt.startswith(bos) and self.tok("x").input_ids[:1] == [self.tok.bos_token_id]:
+            prompt = prompt[len(bos):]
+        return prompt
+
+    def example(self, record):
+        solution = re.sub(r"<<[^>]*>>", "", record["answer"])  # "48/2 = <<48/2=24>>24" -> "48/2 = 24"
+        return Example(prompt=self.prompt(record["question"]), answer=solution, context=solution)
+
+    def sample(self, rng, n):
+        if self.tok is None:
+            raise RuntimeError("GSM8KTask.attach(tokenizer) must run before sampling prompts")
+        return [self.example(self.train[rng.randrange(len(self.train))]) for _ in range(n)]
+
+    def reward(self, text, ex):
+        return float(same_number(final_answer(text)[0], final_answer(ex.answer)[0]))
+
+    def test_metrics(self, texts, examples):
+        right = [self.reward(t, ex) for t, ex in zip(texts, examples)]
+        strict = [r * final_answer(t)[1] for r, t in zip(right, texts)]
+        return sum(right) / len(right), sum(strict) / len(strict)
+
+    def extra_metrics(self, texts):
+        return {"format": sum(final_answer(t)[1] for t in texts) / max(len(texts), 1)}
+
+    def rewards(self, texts, examples, truncated=None):
+        self.step_extras = self.extra_metrics(texts)  # the last scored batch's format share, for the step line
+        return super().rewards(texts, examples, truncated)
+
+
+def make_gsm8k_like(n, seed=0):
+    """n generated records with GSM8K's schema and shape (a word problem; a solution with <<a=b>>
+    calculator annotations and a final "#### N" line): the local stand-in the tests and the GPU benchmark
+    load through --data, so that they run the loading code a user runs, with no download. The answers
+    are small numbers, so that even a random model's last number is sometimes right."""
+    rng, names, things = random.Random(seed), ["Ann", "Bo", "Cy", "Dee", "Eli"], ["apples", "books", "coins"]
+    out = []
+    for _ in range(n):
+        who, what = rng.choice(names), rng.choice(things)
+        a, c = rng.randint(2, 9), rng.randint(0, 3)
+        b = rng.randint(1, a - 1)
+        question = (f"{who} has {a} {what}. {who} gives {b} of them to a friend, then finds {c} more. "
+                    f"How many {what} does {who} have now?")
+        answer = (f"{who} gives away {b}, so {a} - {b} = <<{a}-{b}={a - b}>>{a - b} {what} are left.\n"
+                  f"Then {a - b} + {c} = <<{a - b}+{c}={a - b + c}>>{a - b + c}.\n#### {a - b + c}")
+        out.append({"question": question, "answer": answer})
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -398,7 +561,14 @@ def load_policy(args, task, device):
     model.to(device)
     model.autocast_dtype = autocast_dtype(args, device)  # read by `forward`; a deepcopy keeps it
     if args.grad_checkpointing:  # recompute each layer's activations in the backward pass instead of storing them
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x's name
+        if enable:
+            enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if isinstance(task, GSM8KTask):
+        task.attach(tok)  # its prompts are written in this tokenizer's chat template
+        return model, tok
     need = max(len(tok(ex.answer, add_special_tokens=False).input_ids) for ex in task.test) + task.ends_with_eos
     if args.max_new_tokens < need:
         fail(f"--max_new_tokens {args.max_new_tokens} is too small for task {task.name!r}: its answers need "
@@ -635,8 +805,8 @@ def evaluate(model, tok, task, device, max_new_tokens, rows=0):
         texts, tokens = texts + rollout.texts, tokens + mask.sum()
     model.train()
     entropy = entropy / tokens.clamp(min=1)  # a token mean over the whole held-out set
-    acc = sum(char_accuracy(t, ex.answer) for t, ex in zip(texts, task.test)) / len(task.test)
-    exact = sum(t == ex.answer for t, ex in zip(texts, task.test)) / len(task.test)
+    acc, exact = task.test_metrics(texts, task.test)
+    task.eval_extras = task.extra_metrics(texts)
     return acc, exact, float(entropy)
 
 
@@ -803,8 +973,14 @@ def parse_args(cls, argv=None):
 def check_common_args(args, min_group=2):
     """Checks that every file shares. Each sentence names the flag to change. min_group=0: the file has
     no --group_size (a tree counts its leaves from its own flags) and checks its group itself."""
-    if args.task not in TASKS:
-        fail(f"--task {args.task!r} is unknown; choose one of {', '.join(TASKS)}")
+    if args.task not in TASK_NAMES:
+        fail(f"--task {args.task!r} is unknown; choose one of {', '.join(TASK_NAMES)}")
+    if args.max_new_tokens == -1:  # the task's own budget: 10 tokens for the toys, 256 for gsm8k
+        args.max_new_tokens = GSM8KTask.max_new_tokens if args.task == "gsm8k" else Task.max_new_tokens
+    if args.task == "gsm8k":
+        check_gsm8k_args(args)
+    elif getattr(args, "data", "") or getattr(args, "eval_size", 0):
+        fail(f"--data and --eval_size apply to --task gsm8k; the {args.task} task is generated, its held-out set fixed")
     for name in ("steps", "prompts_per_step", "max_new_tokens"):
         if getattr(args, name) < 1:
             fail(f"--{name} must be a positive whole number, got {getattr(args, name)}")
@@ -818,7 +994,7 @@ def check_common_args(args, min_group=2):
         fail(f"--warmup_steps must be -1 (the task's own), 0 (random weights) or more, got {args.warmup_steps}")
     if args.eval_every < 0:
         fail(f"--eval_every must not be negative, got {args.eval_every}")
-    if args.binary and args.task in ("add", "keyed"):
+    if args.binary and args.task in ("add", "keyed", "gsm8k"):
         fail(f"--binary does not apply to --task {args.task}, which is always scored by exact match")
     if args.device not in ("auto", "cpu", "cuda", "mps"):
         fail(f"--device {args.device!r} is unknown; choose auto, cpu, cuda or mps")
@@ -836,6 +1012,20 @@ def check_common_args(args, min_group=2):
         fail(f"--dtype bfloat16 needs a CUDA device that supports it; this run is on {device.type}")
     if args.log_jsonl:
         check_log_path(args.log_jsonl)
+
+
+def check_gsm8k_args(args):
+    """--task gsm8k's own checks, before any model or data loads."""
+    if not args.model:
+        fail("--task gsm8k needs a pretrained --model: the tiny default's tokenizer knows only the toy characters")
+    if args.max_new_tokens < 64:
+        fail(f"--max_new_tokens {args.max_new_tokens} is too small for --task gsm8k: reasoning is cut off "
+             "below 64 tokens (256 is the task's own budget)")
+    if args.eval_size < 0:
+        fail(f"--eval_size must not be negative, got {args.eval_size}")
+    if args.data and not os.path.exists(os.path.expanduser(args.data)):
+        fail(f"--data {args.data!r} does not exist")
+    args.data = os.path.expanduser(args.data)
 
 
 def check_log_path(path):
@@ -867,9 +1057,9 @@ def setup(args, task=None):
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     device = pick_device(args.device, bool(args.model))
-    task = task or make_task(args.task, binary=args.binary)
+    task = task or make_task(args.task, args.binary, getattr(args, "data", ""), getattr(args, "eval_size", 0))
     model, tok = load_policy(args, task, device)
-    logger = Logger(args.log_jsonl)
+    logger = Logger(args.log_jsonl, task)
     return task, model, tok, device, logger, random.Random(args.seed)
 
 
@@ -885,10 +1075,12 @@ def fmt(v):
 
 
 class Logger:
-    """Prints `key=value` lines and, with --log_jsonl, writes the same records as JSON lines."""
+    """Prints `key=value` lines and, with --log_jsonl, writes the same records as JSON lines. A task may
+    append columns of its own to the step and eval lines (`Task.extra_metrics`; GSM8K's `format`, the
+    share of completions that wrote "####"); the toy tasks add none."""
 
-    def __init__(self, jsonl_path=""):
-        self.start = time.time()
+    def __init__(self, jsonl_path="", task=None):
+        self.start, self.task = time.time(), task
         self.file = open(jsonl_path, "w") if jsonl_path else None
 
     def _emit(self, kind, record, prefix=""):
@@ -899,9 +1091,10 @@ class Logger:
             self.file.flush()
 
     def step(self, step, **metrics):
-        self._emit("step", {"step": step, **metrics})
+        self._emit("step", {"step": step, **metrics, **getattr(self.task, "step_extras", {})})
 
     def eval(self, step, test_acc, exact, **extra):
+        extra = {**extra, **getattr(self.task, "eval_extras", {})}
         self._emit("eval", {"step": step, "test_acc": test_acc, "exact": exact, **extra}, prefix="eval ")
 
     def info(self, kind, **record):
