@@ -5,6 +5,7 @@ and one table.
     uv run compare.py --preset tokrev            # the published token-reversal table (README)
     uv run compare.py --own_defaults --seeds 3   # every file with its own defaults: the spread to expect
     uv run compare.py --tree_sampler --seeds 3   # claim C1 of minimal_tree_grpo.py: tree vs chains at matched tokens
+    uv run compare.py --gpu_benchmark            # on a CUDA GPU only: every gsm8k file on a Qwen2.5-0.5B shape
 
 Every `minimal_NAME.py` at the top level is a method called NAME: a new file joins without any
 change here. Each method x seed runs as its own process, exactly as a user would run the file,
@@ -334,6 +335,116 @@ def tree_sampler_probe(argv):
 
 
 # --------------------------------------------------------------------------------------------------
+# The GPU benchmark: a Qwen2.5-0.5B-shaped model on GSM8K-shaped data, never run by default nor in CI.
+
+# The recommended single-GPU settings for --task gsm8k with Qwen/Qwen2.5-0.5B-Instruct (README, On a real
+# model): learning rate, beta, group and batch after nanoRL's gsm8k_grpo.py (lr 5e-6, beta 0.04, one or two
+# updates per batch) and verl's quickstart (lr 1e-6); 16 prompts x 8 completions a step, 2 prompts (16
+# rows) per micro-batch. Every file gets COMMON, then its own flags.
+GSM8K_COMMON = "--task gsm8k --lr 2e-6 --prompts_per_step 16 --group_size 8 --micro_batch 2 --eval_every 25"
+GSM8K_OWN = {
+    "pg": "--steps 200",
+    "grpo": "--steps 200 --epochs 1 --beta 0.04",
+    "drgrpo": "--steps 200 --epochs 1 --beta 0",
+    "dapo": "--steps 200 --epochs 1 --overlong_cache 64",
+    "tpo": "--steps 200 --epochs 2",
+    "dg": "--steps 200",
+    "tree_grpo": "--steps 200 --prompts_per_step 10 --trees 4 --epochs 1",
+    "opd": "--steps 200 --prompts_per_step 64 --group_size 2 --teacher Qwen/Qwen2.5-1.5B-Instruct --teacher_min_acc 0",
+}
+QWEN_05B = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                intermediate_size=4864, vocab_size=151_936, max_position_embeddings=32768, rope_theta=1e6,
+                tie_word_embeddings=True)
+TINY = dict(QWEN_05B, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=2048)
+
+MEASURE = """import json, resource, runpy, sys, time, torch
+import toy_tasks as tt
+stamps, step = [], tt.Logger.step
+tt.Logger.step = lambda self, *a, **k: (stamps.append(time.time()), step(self, *a, **k))[1]
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+gaps = sorted(b - a for a, b in zip(stamps, stamps[1:]))
+print("benchmark " + json.dumps({"s_per_step": gaps[len(gaps) // 2] if gaps else None,
+      "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+      "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+"""
+
+
+def build_benchmark_model(folder, shape):
+    """A Qwen2 of the given shape with random weights and a word-level tokenizer of the same vocabulary
+    size with Qwen's chat format, written to folder/model; GSM8K-shaped data to folder/data. Nothing is
+    downloaded."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    import toy_tasks as tt
+
+    records = tt.make_gsm8k_like(1000, seed=0)
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    for split, part in (("train", records[:800]), ("test", records[800:])):
+        (folder / "data" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    words = sorted({w for r in records for w in (r["question"] + " " + r["answer"] + " " + tt.GSM8K_INSTRUCTION).split()})
+    vocab = specials + ["user", "assistant"] + words
+    vocab += [f"<x{i}>" for i in range(shape["vocab_size"] - len(vocab))]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<|endoftext|>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.chat_template = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> "
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
+    config = Qwen2Config(**shape, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).to(torch.bfloat16).save_pretrained(folder / "model")  # loaded as float32
+    tok.save_pretrained(folder / "model")
+
+
+def gpu_benchmark(argv):
+    """`compare.py --gpu_benchmark`: every file that takes --task gsm8k, a few steps each at the
+    recommended settings, on a Qwen2.5-0.5B-shaped model with random weights; one line per file with
+    seconds per step (median) and peak GPU memory. Random weights never emit EOS, so every completion
+    runs the whole 256-token budget: the memory is the worst case of the recommended settings."""
+    import tempfile
+
+    import torch
+
+    import toy_tasks as tt
+
+    ap = argparse.ArgumentParser(prog="compare.py --gpu_benchmark", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--methods", default=",".join(GSM8K_OWN), help="comma-separated, from: " + ", ".join(GSM8K_OWN))
+    ap.add_argument("--steps", type=int, default=3, help="steps per file (the median step time is reported)")
+    ap.add_argument("--shape", default="qwen0.5b", choices=["qwen0.5b", "tiny"], help="tiny: a 2-layer trunk and a 2,048-token "
+                    "vocabulary, to check the plumbing on a CPU")
+    ap.add_argument("--device", default="cuda", help="cuda, or cpu with --shape tiny")
+    ap.add_argument("--extra", default="", help="more flags for every run, e.g. '--grad_checkpointing'")
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        tt.fail("--gpu_benchmark needs a CUDA device (use --shape tiny --device cpu to check the plumbing)")
+    unknown = set(args.methods.split(",")) - set(GSM8K_OWN)
+    if unknown:
+        tt.fail(f"--methods {', '.join(sorted(unknown))}: not files that take --task gsm8k ({', '.join(GSM8K_OWN)})")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        build_benchmark_model(folder, QWEN_05B if args.shape == "qwen0.5b" else TINY)
+        for name in args.methods.split(","):
+            own = GSM8K_OWN[name].replace("--steps 200", f"--steps {args.steps}")
+            own = own.replace("--teacher Qwen/Qwen2.5-1.5B-Instruct", f"--teacher {folder / 'model'}")
+            flags = (GSM8K_COMMON.split() + own.split() + args.extra.split()
+                     + ["--data", str(folder / "data"), "--model", str(folder / "model"), "--eval_size", "16",
+                        "--eval_every", "0", "--device", args.device])
+            started = time.time()
+            p = subprocess.run([sys.executable, "-c", MEASURE, f"minimal_{name}.py", *flags], cwd=ROOT,
+                               capture_output=True, text=True)
+            if p.returncode:
+                print(f"{name}: failed ({p.stderr.strip().splitlines()[-1] if p.stderr.strip() else p.returncode})")
+                continue
+            found = json.loads(p.stdout.split("benchmark ")[-1])
+            gb = f"{found['peak_gpu_gb']:.1f} GB" if found["peak_gpu_gb"] is not None else "n/a"
+            print(f"{name}: {found['s_per_step']:.2f} s/step, peak GPU memory {gb}, peak RSS "
+                  f"{found['peak_rss_gb']:.1f} GB, {time.time() - started:.0f} s in all", flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
 # Main.
 
 
@@ -341,6 +452,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     if "--tree_sampler" in argv:  # a probe with flags of its own, not a comparison of methods
         return tree_sampler_probe([a for a in argv if a != "--tree_sampler"])
+    if "--gpu_benchmark" in argv:  # the same: a benchmark with flags of its own
+        return gpu_benchmark([a for a in argv if a != "--gpu_benchmark"])
     methods = available_methods()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--methods", default=",".join(methods), help=f"comma-separated, from: {', '.join(methods)}")
@@ -365,6 +478,9 @@ def main(argv=None):
     ap.add_argument("--tree_sampler", action="store_true",
                     help="run instead the tree sampler probe of minimal_tree_grpo.py (claim C1); its flags: "
                          "--tree_sampler --help")
+    ap.add_argument("--gpu_benchmark", action="store_true",
+                    help="run instead the GPU benchmark of every --task gsm8k file on a Qwen2.5-0.5B shape (CUDA "
+                         "only); its flags: --gpu_benchmark --help")
     preset = ap.parse_known_args(argv)[0].preset
     if preset:
         ap.set_defaults(**PRESETS[preset])

@@ -513,7 +513,9 @@ def load_pretrained(name, flag="--model"):
         fail(f"{flag} {name!r} is not an existing folder")
     try:
         tok = AutoTokenizer.from_pretrained(os.path.expanduser(name), padding_side="left")
-        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(name))
+        # float32 weights whatever the checkpoint holds (transformers 5 keeps a bfloat16 checkpoint in
+        # bfloat16): the optimizer's moments and updates need them; bfloat16 is for the forward passes only
+        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(name)).float()
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         fail(f"{flag} {name!r} could not be loaded as a local folder or hub id ({first})")

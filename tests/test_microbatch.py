@@ -114,6 +114,18 @@ def test_device_and_precision_policy():
     assert tt.autocast_dtype(args, torch.device("cuda")) is None
 
 
+def test_a_bfloat16_checkpoint_trains_in_float32(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = tt.build_char_tokenizer(tt.ReverseTask.alphabet)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    model, _ = tt.load_pretrained(str(tmp_path))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
 # ---------------------------------------------------------------------------------------------
 # Every file: one update with --micro_batch 1 and 2 gives the whole batch's gradient and log, on a
 # batch whose micro-batches hold 4 and 40 tokens. The ratios are spread across the clip band.
