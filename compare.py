@@ -341,16 +341,16 @@ def tree_sampler_probe(argv):
 # model): learning rate, beta, group and batch after nanoRL's gsm8k_grpo.py (lr 5e-6, beta 0.04, one or two
 # updates per batch) and verl's quickstart (lr 1e-6); 16 prompts x 8 completions a step, 2 prompts (16
 # rows) per micro-batch. Every file gets COMMON, then its own flags.
-GSM8K_COMMON = "--task gsm8k --lr 2e-6 --prompts_per_step 16 --group_size 8 --micro_batch 2 --eval_every 25"
+GSM8K_COMMON = "--task gsm8k --lr 2e-6 --prompts_per_step 16 --micro_batch 2 --eval_every 25 --steps 200"
 GSM8K_OWN = {
-    "pg": "--steps 200",
-    "grpo": "--steps 200 --epochs 1 --beta 0.04",
-    "drgrpo": "--steps 200 --epochs 1 --beta 0",
-    "dapo": "--steps 200 --epochs 1 --overlong_cache 64",
-    "tpo": "--steps 200 --epochs 2",
-    "dg": "--steps 200",
-    "tree_grpo": "--steps 200 --prompts_per_step 10 --trees 4 --epochs 1",
-    "opd": "--steps 200 --prompts_per_step 64 --group_size 2 --teacher Qwen/Qwen2.5-1.5B-Instruct --teacher_min_acc 0",
+    "pg": "--group_size 8",
+    "grpo": "--group_size 8 --epochs 1 --beta 0.04",
+    "drgrpo": "--group_size 8 --epochs 1 --beta 0",
+    "dapo": "--group_size 8 --epochs 1 --overlong_cache 64",
+    "tpo": "--group_size 8 --epochs 2",
+    "dg": "--group_size 8",
+    "tree_grpo": "--prompts_per_step 10 --trees 4 --epochs 1",  # 4 trees x 3 leaves, no --group_size
+    "opd": "--prompts_per_step 64 --group_size 2 --teacher Qwen/Qwen2.5-1.5B-Instruct --teacher_min_acc 0",
 }
 QWEN_05B = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                 intermediate_size=4864, vocab_size=151_936, max_position_embeddings=32768, rope_theta=1e6,
@@ -427,9 +427,9 @@ def gpu_benchmark(argv):
         folder = Path(tmp)
         build_benchmark_model(folder, QWEN_05B if args.shape == "qwen0.5b" else TINY)
         for name in args.methods.split(","):
-            own = GSM8K_OWN[name].replace("--steps 200", f"--steps {args.steps}")
-            own = own.replace("--teacher Qwen/Qwen2.5-1.5B-Instruct", f"--teacher {folder / 'model'}")
-            flags = (GSM8K_COMMON.split() + own.split() + args.extra.split()
+            common = GSM8K_COMMON.replace("--steps 200", f"--steps {args.steps}")
+            own = GSM8K_OWN[name].replace("--teacher Qwen/Qwen2.5-1.5B-Instruct", f"--teacher {folder / 'model'}")
+            flags = (common.split() + own.split() + args.extra.split()
                      + ["--data", str(folder / "data"), "--model", str(folder / "model"), "--eval_size", "16",
                         "--eval_every", "0", "--device", args.device])
             started = time.time()
