@@ -29,7 +29,10 @@ reference log-probs are cached once and `ratio`, `clip_frac` and `kl` all measur
 moved from the pairs' sampler.
 
 One gradient step per batch (--epochs 1), as in Guo et al. and TRL's online trainer, where GRPO takes 4:
-nothing in DPO needs a ratio to the sampler, so extra epochs would only re-fit the same pairs.
+nothing in DPO needs a ratio to the sampler, and with nothing to stop it re-fitting the same 32 pairs,
+--epochs 4 collapsed the entropy and ended below the base here (README). So the default learns from
+two of each group's eight samples with one step per batch, and is the slowest learner of the GRPO
+family: its tested floor is 0.85 held-out accuracy after 100 steps, PG's, not the 0.90 of the others.
 Micro-batches hold whole pairs (--micro_batch prompts = as many pairs, two rows each), and the loss is
 divided by the whole batch's number of pairs, counted before the split.
 
