@@ -369,7 +369,9 @@ ALL_SCRIPTS = sorted(p.name for p in Path(__file__).resolve().parents[1].glob("m
 # its floor is the 0.95 its issue asks of it. minimal_vpo.py's test_acc is E_w best@3 of sampled
 # answers (its TEST_METRIC), not a per-character accuracy: its base scores 0.34, an ideal GRPO policy
 # (always the w_gold-best half-length answer) 0.621, and its default reached 0.676 (seed 0, one thread).
-FLOOR = {"minimal_pg.py": 0.85, "minimal_opd.py": 0.95, "minimal_vpo.py": 0.64}
+# minimal_dpo.py learns from two of each group's eight samples with one step per batch: its 100-step
+# default was at 0.873, 0.904 and 0.877 over seeds 0-2 (one thread), so its floor is PG's.
+FLOOR = {"minimal_pg.py": 0.85, "minimal_opd.py": 0.95, "minimal_vpo.py": 0.64, "minimal_dpo.py": 0.85}
 
 
 @pytest.mark.slow
