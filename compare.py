@@ -351,6 +351,8 @@ GSM8K_OWN = {
     "dg": "--group_size 8",
     "tree_grpo": "--prompts_per_step 10 --trees 4 --epochs 1",  # 4 trees x 3 leaves, no --group_size
     "opd": "--prompts_per_step 64 --group_size 2 --teacher Qwen/Qwen2.5-1.5B-Instruct --teacher_min_acc 0",
+    "sft": "--lr 1e-5",  # on the reference solutions; SFT takes a larger step than RL (TRL's default: 2e-5)
+    "dpo": "--group_size 8 --beta 0.1",
 }
 QWEN_05B = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                 intermediate_size=4864, vocab_size=151_936, max_position_embeddings=32768, rope_theta=1e6,

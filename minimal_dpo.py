@@ -55,7 +55,13 @@ import toy_tasks as tt
 @dataclass
 class Args:
     task: str = "reverse"
-    """task to train on: reverse (per-character reward), add (exact match: sparse) or tokrev (the published toy)"""
+    """task to train on: reverse (per-character reward), add (exact match: sparse), tokrev (the published toy) or gsm8k
+    (a real task for a --model; test_acc is then the share of held-out problems answered right)"""
+    data: str = ""
+    """--task gsm8k: a local folder of train and test files (or one file) with GSM8K's fields; empty downloads
+    openai/gsm8k"""
+    eval_size: int = 0
+    """--task gsm8k: held-out problems evaluated, the first of the test split (0: 200)"""
     binary: bool = False
     """score reverse by exact match (1 or 0) instead of per-character credit"""
     model: str = ""
@@ -83,8 +89,9 @@ class Args:
     """with --offline, batches of pairs drawn before training and cycled through (0: one per step)"""
     max_grad_norm: float = 1.0
     """gradient-norm clip"""
-    max_new_tokens: int = 10
-    """token budget per completion; one that never emits EOS is truncated and marked"""
+    max_new_tokens: int = -1
+    """token budget per completion, one that never emits EOS is truncated and marked (-1: the task's own,
+    10 for the toys, 256 for gsm8k)"""
     temperature: float = 1.0
     """sampling temperature (log-probs are taken at the same temperature)"""
     eval_every: int = 20
@@ -170,10 +177,10 @@ def update(model, optimizer, pairs, old_logp, ref_logp, step, args):
     """One optimizer step on a batch of pairs, its gradient accumulated over micro-batches of whole
     pairs; returns the whole batch's loss, diagnostics, entropy and pair metrics, whatever --micro_batch is."""
     n, metrics = pairs.completion_ids.size(0) // 2, tt.BatchMetrics(pairs.completion_mask.sum())  # counted before the split
-    if n == 0:  # every group tied: no pair, nothing to prefer, so no optimizer step at all
-        none = torch.tensor(float("nan"))  # (AdamW would still move the weights: momentum and weight decay)
-        return torch.tensor(0.0), {"ratio": torch.tensor(1.0), "clip_frac": torch.tensor(0.0), "kl": none,
-                                   "grad_norm": torch.tensor(0.0)}, none, pair_metrics(torch.zeros(0, 2))
+    if n == 0:  # every group tied: no pair, nothing to prefer, so no optimizer step at all (AdamW would
+        zero = torch.tensor(0.0)  # still move the weights: momentum and weight decay); logged as 0, pairs=0 says why
+        return zero, {"ratio": zero + 1, "clip_frac": zero, "kl": zero, "grad_norm": zero}, zero, \
+            {"chosen_logp": zero, "rejected_logp": zero, "margin": zero, "pref_acc": zero}
     optimizer.zero_grad()
     logratios = []
     for rows in tt.micro_batches(2 * n, args.micro_batch * 2):  # row slices of whole pairs, one per prompt
@@ -247,7 +254,7 @@ def main():
             loss, stats, entropy, prefs = update(model, optimizer, pairs, old_logp, ref_logp, step, args)
         grad_norm = stats.pop("grad_norm")
         logger.step(step, reward=rewards.mean(), loss=loss, entropy=entropy, **stats,
-                    grad_norm=grad_norm, len=pairs.lengths.mean(), gen_tokens=gen_tokens, **prefs,
+                    grad_norm=grad_norm, len=pairs.lengths.sum() / max(len(pairs.texts), 1), gen_tokens=gen_tokens, **prefs,
                     pairs=formed.float().mean())
         if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
             test_acc, exact, test_entropy = tt.evaluate(model, tok, task, device, args.max_new_tokens, mb_rows)

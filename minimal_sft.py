@@ -47,7 +47,13 @@ import toy_tasks as tt
 @dataclass
 class Args:
     task: str = "reverse"
-    """task to train on: reverse (per-character reward), add (exact match: sparse) or tokrev (the published toy)"""
+    """task to train on: reverse (per-character reward), add (exact match: sparse), tokrev (the published toy) or gsm8k
+    (a real task for a --model; test_acc is then the share of held-out problems answered right)"""
+    data: str = ""
+    """--task gsm8k: a local folder of train and test files (or one file) with GSM8K's fields; empty downloads
+    openai/gsm8k"""
+    eval_size: int = 0
+    """--task gsm8k: held-out problems evaluated, the first of the test split (0: 200)"""
     binary: bool = False
     """score reverse by exact match (1 or 0) instead of per-character credit"""
     model: str = ""
@@ -70,8 +76,9 @@ class Args:
     """AdamW learning rate"""
     max_grad_norm: float = 1.0
     """gradient-norm clip"""
-    max_new_tokens: int = 10
-    """token budget per completion; one that never emits EOS is truncated and marked"""
+    max_new_tokens: int = -1
+    """token budget per completion, one that never emits EOS is truncated and marked (-1: the task's own,
+    10 for the toys, 256 for gsm8k)"""
     temperature: float = 1.0
     """sampling temperature (log-probs are taken at the same temperature)"""
     eval_every: int = 20
@@ -140,10 +147,9 @@ def update(model, optimizer, rollout, step, args):
     """One optimizer step on the batch's targets, its gradient accumulated over micro-batches of targets;
     returns the whole batch's loss, diagnostics and entropy, whatever --micro_batch is."""
     n, metrics = rollout.completion_ids.size(0), tt.BatchMetrics(rollout.completion_mask.sum())  # counted before the split
-    if n == 0:  # no prompt had a fully right completion: nothing to imitate, so no optimizer step at all
-        none = torch.tensor(float("nan"))  # (AdamW would still move the weights: momentum and weight decay)
-        return torch.tensor(0.0), {"ratio": torch.tensor(1.0), "clip_frac": torch.tensor(0.0),
-                                   "kl": torch.tensor(0.0), "grad_norm": torch.tensor(0.0)}, none
+    if n == 0:  # no prompt had a fully right completion: nothing to imitate, so no optimizer step at all (AdamW
+        zero = torch.tensor(0.0)  # would still move the weights: momentum and weight decay); logged as 0, kept=0 says why
+        return zero, {"ratio": zero + 1, "clip_frac": zero, "kl": zero, "grad_norm": zero}, zero
     optimizer.zero_grad()
     for rows in tt.micro_batches(n, args.micro_batch):  # one target per prompt: rows are prompts
         part = rollout.rows(rows)
@@ -191,8 +197,9 @@ def main():
         loss, stats, entropy = update(model, optimizer, rollout, step, args)
         grad_norm = stats.pop("grad_norm")
         gen_tokens = int(sampled.lengths.sum()) if args.source == "best" else 0
-        logger.step(step, reward=rewards.mean(), loss=loss, entropy=entropy, **stats,
-                    grad_norm=grad_norm, len=rollout.lengths.mean(), gen_tokens=gen_tokens, nll=loss, **extra)
+        n = max(len(rewards), 1)  # what the step trained on; none (kept=0) logs 0
+        logger.step(step, reward=rewards.sum() / n, loss=loss, entropy=entropy, **stats,
+                    grad_norm=grad_norm, len=rollout.lengths.sum() / n, gen_tokens=gen_tokens, nll=loss, **extra)
         if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
             test_acc, exact, test_entropy = tt.evaluate(model, tok, task, device, args.max_new_tokens, mb_rows)
             logger.eval(step, test_acc, exact, entropy=test_entropy)
