@@ -1,7 +1,6 @@
 """Tests of minimal_sft.py and minimal_dpo.py: the SFT loss and its normaliser, rejection sampling's choice,
 DPO's pairs, loss, gradient and preference accuracy against hand-worked numbers; where each meets a
 policy gradient and where it stops meeting it; micro-batches that add up exactly; both files end to end."""
-import math
 
 import pytest
 import torch
