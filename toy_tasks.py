@@ -863,6 +863,17 @@ def score(model, rollout, rows=0, temperature=None):
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
+def completion_hidden(backbone, rollout):
+    """The last hidden state at each position that predicts a completion token, (N, T, H), with grad: one
+    pass of a causal LM's backbone (`model.base_model`, the model without its LM head, so no vocabulary
+    logits at any position), under the autocast `forward` applies (`backbone.autocast_dtype`). Position t
+    holds the state before completion token t: a value head reads V(s_t) there (minimal_ppo.py)."""
+    ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], 1)
+    mask = torch.cat([rollout.prompt_mask, rollout.completion_mask.long()], 1)
+    hidden = forward(backbone, ids, mask, (mask.cumsum(1) - 1).clamp(min=0)).last_hidden_state
+    return hidden[:, -rollout.completion_ids.size(1) - 1:-1].float()  # (N, T, H), as completion_logits slices
+
+
 class BatchMetrics:
     """The whole batch's loss and token means, added up from its micro-batches. A micro-batch's loss is
     already divided by a count of the whole batch, so losses add; a token mean (ratio, clip_frac, kl,
