@@ -353,6 +353,7 @@ GSM8K_OWN = {
     "opd": "--prompts_per_step 64 --group_size 2 --teacher Qwen/Qwen2.5-1.5B-Instruct --teacher_min_acc 0",
     "sft": "--lr 1e-5",  # on the reference solutions; SFT takes a larger step than RL (TRL's default: 2e-5)
     "dpo": "--group_size 8 --beta 0.1",
+    "ppo": "--prompts_per_step 128 --group_size 1 --epochs 1",  # 128 completions a step, as GRPO's 16 x 8
 }
 QWEN_05B = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                 intermediate_size=4864, vocab_size=151_936, max_position_embeddings=32768, rope_theta=1e6,

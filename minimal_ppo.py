@@ -16,21 +16,16 @@ advantage is per token, and the KL to the frozen base moves from the loss into t
 The KL sits in the reward because a critic can carry it: in the return, a token is also charged for the
 divergence of the tokens it leads to (InstructGPT's objective E[R - beta KL]). GRPO's one standardised advantage
 per completion would fold it into one number scaled by the group's std, so DeepSeekMath puts k3 in the loss.
-
 The critic: a copy of the base model's backbone (no LM head) with a linear head on its last hidden state and
 its own AdamW, trained in the same inner epochs and micro-batches. TRL starts it from the reward model; we
 have none, so --critic_init base copies the warmed-up base policy, which already reads the task (scratch:
 fresh weights, as nanoRL). Its head starts at zero, so V = 0 at the first step. Every completion is its own
-episode: the default samples 256 prompts once each (--group_size 1), GRPO's 256 completions a step; a larger
---group_size only samples each prompt several times.
-
+episode: the default samples 256 prompts once each (--group_size 1: GRPO's 256 completions a step).
 TRL's PPOConfig defaults kept: 4 epochs of 1 mini-batch, cliprange 0.2, vf_coef 0.1, cliprange_value 0.2,
 gamma 1, lam 0.95, whiten_rewards False, kl_coef 0.05, kl_estimator k1. Departures: (1) each completion's token
-mean, then the batch mean (GRPO's; verl's seq-mean-token-mean), where TRL takes one token mean over completions
-of 4-7 tokens; (2) the reward is paid on the EOS, where TRL pays it on the next position, the state after the
-EOS (where its reward model reads the score); (3) two AdamW optimizers, each model clipped on its own (TRL: one
-over both), so vf_coef only scales the critic's gradient before its clip; (4) lr 1e-3, temperature 1.
-
+mean, then the batch mean (GRPO's; verl's seq-mean-token-mean), where TRL takes one token mean; (2) the reward
+is paid on the EOS, where TRL pays it on the state after it; (3) two AdamW optimizers, each model clipped on
+its own (TRL: one over both), so vf_coef only scales the critic's gradient before its clip; (4) lr 1e-3.
 Read: rollout -> token_rewards -> gae -> whiten (main), then update() steps both models.
 Run: uv run minimal_ppo.py          (flags: uv run minimal_ppo.py --help)
 """
@@ -45,7 +40,13 @@ import toy_tasks as tt
 @dataclass
 class Args:
     task: str = "reverse"
-    """task to train on: reverse (per-character reward), add (exact match: sparse) or tokrev (the published toy)"""
+    """task to train on: reverse (per-character reward), add (exact match: sparse), tokrev (the published toy) or gsm8k
+    (a real task for a --model; test_acc is then the share of held-out problems answered right)"""
+    data: str = ""
+    """--task gsm8k: a local folder of train and test files (or one file) with GSM8K's fields; empty downloads
+    openai/gsm8k"""
+    eval_size: int = 0
+    """--task gsm8k: held-out problems evaluated, the first of the test split (0: 200)"""
     binary: bool = False
     """score reverse by exact match (1 or 0) instead of per-character credit"""
     model: str = ""
@@ -81,8 +82,9 @@ class Args:
     """base (a copy of the base policy's backbone) or scratch (fresh random weights); the head starts at zero"""
     max_grad_norm: float = 1.0
     """gradient-norm clip"""
-    max_new_tokens: int = 10
-    """token budget per completion; one that never emits EOS is truncated and marked"""
+    max_new_tokens: int = -1
+    """token budget per completion, one that never emits EOS is truncated and marked (-1: the task's own,
+    10 for the toys, 256 for gsm8k)"""
     temperature: float = 1.0
     """sampling temperature (log-probs are taken at the same temperature)"""
     eval_every: int = 20
@@ -104,9 +106,8 @@ class Args:
 
 
 class Critic(torch.nn.Module):
-    """V(s_t) at every completion token: a linear head on the last hidden state of `model.base_model`, which
-    every Hugging Face model defines (TRL reads its value model so): no vocabulary logits at all, where the
-    causal LM with output_hidden_states computes at least one position's (logits_to_keep=0 keeps them all)."""
+    """V(s_t) at every completion token: a linear head on the last hidden state of `model.base_model`, which every
+    Hugging Face model defines (TRL reads its value model so): no vocabulary logits at any position."""
 
     def __init__(self, model, args):
         super().__init__()
@@ -199,10 +200,9 @@ def policy_loss(logp, old_logp, ref_logp, adv, mask, clip_eps, n):
 
 
 def value_loss(values, old_values, returns, mask, vf_clip, tokens):
-    """1/2 max((V - R)^2, (V_clip - R)^2), V_clip = V clamped to V_old +- vf_clip, summed and divided by the
-    whole batch's `tokens`, so micro-batches add up to its token mean. Logged: value_loss, and vf_clip_frac, the
-    share of tokens whose clipped term is strictly larger, so V gets no gradient there (TRL's val/clipfrac_avg,
-    verl's critic/vf_clipfrac)."""
+    """1/2 max((V - R)^2, (V_clip - R)^2), V_clip = V clamped to V_old +- vf_clip, summed over the whole batch's
+    `tokens` (micro-batches add up to its token mean). vf_clip_frac: the share of tokens whose clipped term is
+    strictly larger, so V gets no gradient there (TRL's val/clipfrac_avg, verl's critic/vf_clipfrac)."""
     # clamp V itself, as TRL and verl do: inside the band V_clip is V bit for bit, never counted as clipped
     clipped = values.clamp(old_values - vf_clip, old_values + vf_clip)
     unclipped_loss, clipped_loss = (values - returns) ** 2, (clipped - returns) ** 2  # (N, T) each

@@ -128,7 +128,8 @@ def test_metrics_test_acc_exact_and_format():
 # Every file that fits runs two steps on the fixture through --model and --data; the others refuse.
 
 FITTING = ["minimal_pg.py", "minimal_grpo.py", "minimal_drgrpo.py", "minimal_dapo.py", "minimal_tpo.py",
-           "minimal_dg.py", "minimal_tree_grpo.py", "minimal_opd.py", "minimal_sft.py", "minimal_dpo.py"]
+           "minimal_dg.py", "minimal_tree_grpo.py", "minimal_opd.py", "minimal_sft.py", "minimal_dpo.py",
+           "minimal_ppo.py"]
 TWO_STEPS = ["--steps", 2, "--eval_every", 0, "--prompts_per_step", 2, "--group_size", 2, "--micro_batch", 1,
              "--max_new_tokens", 64, "--eval_size", 3, "--task", "gsm8k"]
 OWN = {"minimal_dapo.py": ["--overlong_cache", 16, "--max_rounds", 50],  # a random model is rarely right
