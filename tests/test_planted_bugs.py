@@ -215,3 +215,323 @@ def test_pg_update_takes_pi_old_from_the_same_pass():
     args = pg.Args(group_size=4, prompts_per_step=3, max_grad_norm=1e9)
     _, log = mbt.gradient_and_log(model, lambda opt: pg.update(model, opt, rollout, torch.randn(12), 1, args))
     assert log["ratio"] == 1.0 and log["clip_frac"] == 0.0 and log["kl"] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Each file's main loop, spied on in a two-step run: what the update is given. pi_old must be the
+# policy that sampled, the same in every epoch; the reference the base model, frozen (at step 1 the
+# policy and the base are equal, so the check reads step 2); the advantage the file's own function of
+# the rewards just scored. --temperature 0.7 makes a log-prob taken at the wrong temperature show.
+
+FAST = ["--steps", 2, "--warmup_steps", 2, "--eval_every", 0, "--prompts_per_step", 4]
+
+
+class Spy:
+    """Records a run's calls: the policy as setup() returned it (and a frozen copy, the base), each
+    sampling call with a copy of the model that sampled, and each call of the patched functions."""
+
+    def __init__(self, monkeypatch):
+        self.monkeypatch, self.samples, self.calls = monkeypatch, [], {}
+        setup = tt.setup
+
+        def spy_setup(*a, **k):
+            out = setup(*a, **k)
+            self.live, self.base = out[1], copy.deepcopy(out[1])
+            return out
+        monkeypatch.setattr(tt, "setup", spy_setup)
+
+    def sampler(self, owner, name):
+        """Record every call of owner.name with a copy of the model (its first argument) beforehand."""
+        real = getattr(owner, name)
+
+        def spy(model, *a, **k):
+            before = copy.deepcopy(model)
+            out = real(model, *a, **k)
+            self.samples.append({"model": model, "before": before, "args": a, "kwargs": k, "out": out})
+            return out
+        self.monkeypatch.setattr(owner, name, spy)
+
+    def record(self, owner, name):
+        """Record every call of owner.name: its positional arguments and what it returned."""
+        real = getattr(owner, name)
+        calls = self.calls.setdefault(name, [])
+
+        def spy(*a, **k):
+            out = real(*a, **k)
+            calls.append((a, out))
+            return out
+        self.monkeypatch.setattr(owner, name, spy)
+
+
+def score(model, rollout):
+    return tt.score(model, rollout)[0]
+
+
+def check_epochs(calls, epochs, frozen):
+    """Every epoch of a step gets the same batch: the first call's arguments at the `frozen` positions."""
+    assert len(calls) == epochs
+    for later in calls[1:]:
+        for i in frozen:
+            assert later[i] is calls[0][i] or torch.equal(later[i], calls[0][i]), f"argument {i} moved between epochs"
+
+
+@pytest.mark.parametrize("name", ["grpo", "drgrpo", "vpo"])
+def test_grpo_family_trains_against_frozen_pi_old_and_the_frozen_base(monkeypatch, run_fast, name):
+    module = ALL[name]
+    spy = Spy(monkeypatch)
+    spy.sampler(tt, "rollout_groups")
+    spy.record(module, "update")
+    if name == "vpo":
+        spy.record(vpo, "scores")  # the set scores use fresh Dirichlet draws: read the ones the run drew
+    p = run_fast(f"minimal_{name}.py", *FAST, "--epochs", 2, "--temperature", 0.7)
+    assert p.returncode == 0, p.stderr
+    assert len(spy.samples) == 2
+    for step, sampled in zip((1, 2), spy.samples):
+        calls = [a for a, _ in spy.calls["update"] if a[6] == step]
+        check_epochs(calls, 2, frozen=(2, 3, 4, 5))
+        model, _, rollout, adv, old_logp, ref_logp, _, _ = calls[0]
+        assert model is spy.live and rollout is sampled["out"][0]
+        assert torch.allclose(old_logp, score(sampled["before"], rollout), atol=1e-6)  # the policy that sampled
+        assert torch.allclose(ref_logp, score(spy.base, rollout), atol=1e-6)  # the base, never moved
+        rewards = spy.calls["scores"][step - 1][1] if name == "vpo" else sampled["out"][1]
+        assert torch.equal(adv, module.group_advantages(rewards).view(-1))
+    assert not torch.allclose(old_logp, ref_logp, atol=1e-3)  # step 2: the policy has moved from the base
+
+
+def test_tree_grpo_trains_on_its_tree_advantage_against_frozen_pi_old_and_base(monkeypatch, run_fast):
+    spy = Spy(monkeypatch)
+    spy.sampler(tree, "grow_trees")
+    spy.record(tree, "update")
+    for key, real in list(tree.ADVANTAGES.items()):
+        spy.record(tree, key + "_advantages")  # not what main looks up: the dict holds the functions
+        monkeypatch.setitem(tree.ADVANTAGES, key, getattr(tree, key + "_advantages"))
+    p = run_fast("minimal_tree_grpo.py", *FAST, "--epochs", 2, "--temperature", 0.7)
+    assert p.returncode == 0, p.stderr
+    task, tok = tt.make_task("reverse"), tt.build_char_tokenizer(tt.ReverseTask.alphabet)
+    for step, sampled in zip((1, 2), spy.samples):
+        calls = [a for a, _ in spy.calls["update"] if a[6] == step]
+        check_epochs(calls, 2, frozen=(2, 3, 4, 5))
+        model, _, rollout, adv, old_logp, ref_logp, _, _ = calls[0]
+        assert model is spy.live and rollout is sampled["out"][0]
+        assert torch.allclose(old_logp, score(sampled["before"], rollout), atol=1e-6)
+        assert torch.allclose(ref_logp, score(spy.base, rollout), atol=1e-6)
+        (owner, rewards), out = spy.calls["treerl_advantages"][step - 1]
+        assert torch.equal(adv, out.flatten(0, 2))
+        assert torch.equal(owner.flatten(0, 1), sampled["out"][1])  # (P, M, K, T) the trees as grown
+        # each leaf row scored against its own prompt's answer, in row order
+        prompts = [tok.decode(row, skip_special_tokens=True) for row in rollout.prompt_ids]
+        want = [task.reward(t, tt.Example(q, q[:-1][::-1], "")) for t, q in zip(rollout.texts, prompts)]
+        assert torch.allclose(rewards.flatten(), torch.tensor(want))
+    assert not torch.allclose(old_logp, ref_logp, atol=1e-3)
+
+
+def test_dapo_trains_on_the_overlong_shaped_advantage(monkeypatch, run_fast):
+    spy = Spy(monkeypatch)
+    spy.sampler(dapo, "dynamic_sample")
+    spy.record(dapo, "update")
+    p = run_fast("minimal_dapo.py", *FAST, "--epochs", 2, "--temperature", 0.7)
+    assert p.returncode == 0, p.stderr
+    shaped = 0
+    for step, sampled in zip((1, 2), spy.samples):
+        calls = [a for a, _ in spy.calls["update"] if a[5] == step]
+        check_epochs(calls, 2, frozen=(2, 3, 4))
+        model, _, rollout, adv, old_logp, _, _ = calls[0]
+        kept, rewards, _ = sampled["out"]
+        assert model is spy.live and rollout is kept
+        assert torch.allclose(old_logp, score(sampled["before"], rollout), atol=1e-6)
+        # R = r + R_len(|y|) with L_max 10 and L_cache 3: a longer completion of the same task reward
+        # gets a lower advantage
+        penalty = dapo.overlong_penalty(rollout.lengths, 10, 3).view_as(rewards)
+        assert torch.equal(adv, dapo.group_advantages(rewards + penalty).view(-1))
+        shaped += int((penalty.amax(1) > penalty.amin(1)).sum())
+    assert shaped > 0  # some group's completions were penalised differently: the shaping moved advantages
+
+
+def test_tpo_trains_towards_a_target_frozen_for_the_step(monkeypatch, run_fast):
+    spy = Spy(monkeypatch)
+    spy.sampler(tt, "rollout_groups")
+    spy.record(tpo, "update")
+    p = run_fast("minimal_tpo.py", *FAST, "--epochs", 2, "--temperature", 0.7, "--eta", 0.5)
+    assert p.returncode == 0, p.stderr
+    for step, sampled in zip((1, 2), spy.samples):
+        calls = [a for a, _ in spy.calls["update"] if a[5] == step]
+        check_epochs(calls, 2, frozen=(2, 3, 4))
+        model, _, rollout, q, old_logp, _, _ = calls[0]
+        assert model is spy.live and rollout is sampled["out"][0]
+        old = score(sampled["before"], rollout)
+        assert torch.allclose(old_logp, old, atol=1e-6)
+        u = tpo.group_advantages(sampled["out"][1])
+        s_old = (old * rollout.completion_mask).sum(1).view_as(u)
+        assert torch.allclose(q, torch.softmax(s_old.log_softmax(1) + u / 0.5, 1), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["pg", "dg"])
+def test_one_update_per_batch_on_the_leave_one_out_advantage(monkeypatch, run_fast, name):
+    module = ALL[name]
+    spy = Spy(monkeypatch)
+    spy.sampler(tt, "rollout_groups")
+    spy.record(module, "update")
+    p = run_fast(f"minimal_{name}.py", *FAST)
+    assert p.returncode == 0, p.stderr
+    assert len(spy.calls["update"]) == 2
+    for (args, _), sampled in zip(spy.calls["update"], spy.samples):
+        model, _, rollout, adv = args[:4]
+        assert model is spy.live and rollout is sampled["out"][0]
+        rewards = sampled["out"][1]
+        g = rewards.size(1)
+        assert torch.allclose(adv, (g / (g - 1) * (rewards - rewards.mean(1, keepdim=True))).view(-1), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pedagogical RL: the teacher samples with its context, the student never sees it, --shared shares.
+
+PED = ["--teacher_warmup_steps", 2, "--teacher_mix_steps", 2, "--student_batch", 8]
+
+
+def student_prompt(tok, ids):
+    """A left-padded prompt row as text: the teacher view is 'context|prompt', the student view 'prompt'."""
+    return tok.decode(ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_pedagogical_wiring_and_views(monkeypatch, run_fast, shared):
+    spy = Spy(monkeypatch)
+    spy.sampler(tt, "rollout_groups")
+    for name in ("update", "learnability_pass", "student_update"):
+        spy.record(ped, name)
+    p = run_fast("minimal_pedagogical.py", *FAST, *PED, "--epochs", 2, "--temperature", 0.7,
+                 *(["--shared"] if shared else []))
+    assert p.returncode == 0, p.stderr
+    tok = tt.build_char_tokenizer(tt.KeyedReverseTask.alphabet)
+    assert len(spy.samples) == 4 and all(s["kwargs"].get("teacher") or s["args"][-1] for s in spy.samples)
+    student = spy.live  # setup() builds the student; the teacher is a copy of it, or itself with --shared
+    for step in (1, 2):
+        batch, fresh = spy.samples[2 * step - 2], spy.samples[2 * step - 1]  # the teacher's batch, the student's
+        calls = [a for a, _ in spy.calls["update"] if a[5] == step]
+        check_epochs(calls, 2, frozen=(2, 3, 4))
+        teacher, _, rollout, adv, old_logp, _, _ = calls[0]
+        assert (teacher is student) == shared
+        assert batch["model"] is teacher and fresh["model"] is teacher and rollout is batch["out"][0]
+        assert all("|" in student_prompt(tok, row) for row in rollout.prompt_ids)  # sampled with the context
+        assert torch.allclose(old_logp, score(batch["before"], rollout), atol=1e-6)
+        # the learnability pass: the student, on its own view of the same completions
+        (scorer, view, _), (gain, _) = spy.calls["learnability_pass"][step - 1]
+        assert scorer is student and torch.equal(view.completion_ids, rollout.completion_ids)
+        assert [student_prompt(tok, row) for row in view.prompt_ids] == \
+            [student_prompt(tok, row).split("|")[-1] for row in rollout.prompt_ids]
+        assert torch.equal(adv, ped.group_advantages(batch["out"][1] * gain.view_as(batch["out"][1])).view(-1))
+        s_args = spy.calls["student_update"][step - 1][0]
+        assert s_args[0] is student and s_args[2] is teacher
+
+
+def test_student_imitates_fresh_teacher_samples_on_its_own_view_at_temperature_one():
+    """The student's gradient is that of the gated imitation loss on the teacher's completions, sampled
+    from the teacher view, scored on the student view (no context) at temperature 1 (the teacher
+    sampled at 0.7), divided by the batch's completions."""
+    task, tok, student = mbt.tiny_policy("keyed")
+    teacher = mbt.tiny_policy("keyed", seed=1)[2]
+    examples = task.test[:6]
+    args = ped.Args(temperature=0.7, student_batch=6, micro_batch=2, max_grad_norm=1e9)
+    torch.manual_seed(4)
+    grad, log = mbt.gradient_and_log(student, lambda opt: ped.student_update(student, opt, teacher, tok, task,
+                                                                           examples, 1, args, "cpu")[:2])
+    torch.manual_seed(4)
+    prompts, mask = tt.encode(tok, [task.teacher_prompt(ex) for ex in examples], "cpu")
+    sampled = tt.sample(teacher, tok, prompts, mask, args.max_new_tokens, 0.7)
+    view = tt.with_prompts(sampled, tok, [ex.prompt for ex in examples], "cpu")
+    student.zero_grad()
+    logp = tt.completion_logits(student, view, 1.0).log_softmax(-1).gather(-1, view.completion_ids[..., None])[..., 0]
+    m = view.completion_mask
+    w = torch.sigmoid(4.0 * (logp.detach() + 2.5)) * m  # kappa 4, gamma -2.5
+    loss = ((w * -logp).sum(1) / w.sum(1)).sum() / len(examples)
+    loss.backward()
+    want = torch.cat([p.grad.flatten() for p in student.parameters()])
+    assert torch.allclose(grad, want, atol=1e-6) and log["value0"] == pytest.approx(loss.item(), rel=1e-5)
+    assert log["value1"] == pytest.approx(((w * m).sum() / m.sum()).item(), rel=1e-5)  # the mean gate
+
+
+# ---------------------------------------------------------------------------------------------
+# OPD: the full estimator trains on the exact KL, the sampled one on the detached log-ratio, and the
+# teacher columns are what they are named.
+
+
+def opd_batch():
+    task, tok, student = mbt.tiny_policy()
+    teacher = mbt.tiny_policy(seed=1, warmup=20)[2].eval().requires_grad_(False)
+    rollout, _ = mbt.ragged_rollout(tok, task, 3, 4, temperature=0.7)
+    return student, teacher, rollout
+
+
+@pytest.mark.parametrize("estimator", ["sampled", "full"])
+def test_opd_update_trains_on_its_estimator(estimator):
+    student, teacher, rollout = opd_batch()
+    args = opd.Args(group_size=4, prompts_per_step=3, micro_batch=1, max_grad_norm=1e9, estimator=estimator)
+    grad, log = mbt.gradient_and_log(student, lambda opt: opd.update(student, opt, rollout, teacher, 1, args))
+    student.zero_grad()
+    s = tt.completion_logits(student, rollout, 0.7).log_softmax(-1)  # the student as it sampled
+    t = tt.completion_logits(teacher, rollout, 1.0).log_softmax(-1)  # the teacher untempered
+    pick = lambda x: x.gather(-1, rollout.completion_ids[..., None])[..., 0]
+    mask, n = rollout.completion_mask, 12
+    if estimator == "full":  # KL(pi_S || pi_T) summed over the vocabulary at every position
+        per_token = (s.exp() * (s - t)).sum(-1)
+    else:  # REINFORCE on A_t = -(log pi_S - log pi_T), A a number
+        per_token = (pick(s) - pick(t)).detach() * pick(s)
+    loss = (per_token * mask).sum() / n
+    loss.backward()
+    want = torch.cat([p.grad.flatten() for p in student.parameters()])
+    assert torch.allclose(grad, want, atol=1e-6), ((grad - want).norm() / want.norm()).item()
+    assert log["value0"] == pytest.approx(loss.item(), rel=1e-5)
+    # the teacher columns, as named: the sampled log-ratio log pi_S - log pi_T (positive when the student
+    # is the more confident), and the exact divergences both ways
+    s, t = s.detach(), t.detach()
+    mean = lambda x: ((x * mask).sum() / mask.sum()).item()
+    assert log["teacher_kl"] == pytest.approx(mean(pick(s) - pick(t)), rel=1e-5)
+    assert log["reverse_kl"] == pytest.approx(mean((s.exp() * (s - t)).sum(-1)), rel=1e-5)
+    assert log["forward_kl"] == pytest.approx(mean((t.exp() * (t - s)).sum(-1)), rel=1e-5)
+    assert log["teacher_entropy"] == pytest.approx(mean(-(t.exp() * t).sum(-1)), rel=1e-5)
+    assert log["top1_agree"] == pytest.approx(mean((s.argmax(-1) == t.argmax(-1)).float()), abs=1e-6)
+    assert 0 < log["top1_agree"] < 1 and log["teacher_kl"] > 0.1
+
+
+def test_opd_full_and_sampled_gradients_differ_on_one_batch():
+    # the same expectation, not the same batch gradient: a file that ignored --estimator would pass a
+    # test that checked only one of them
+    student, teacher, rollout = opd_batch()
+    grads = {}
+    for estimator in ("sampled", "full"):
+        args = opd.Args(group_size=4, prompts_per_step=3, max_grad_norm=1e9, estimator=estimator)
+        grads[estimator] = mbt.gradient_and_log(student, lambda opt: opd.update(student, opt, rollout, teacher, 1, args))[0]
+    assert torch.cosine_similarity(grads["sampled"], grads["full"], 0) < 0.99
+
+
+# ---------------------------------------------------------------------------------------------
+# DG's Kondo gate: the screen keeps the top completions by chi_i = sum_t A_i l_i,t, and the loss still
+# divides by all N completions, the kept ones not reweighted.
+
+
+def test_kondo_update_divides_by_every_completion_sampled():
+    task, tok, model = mbt.tiny_policy()
+    rollout, _ = mbt.ragged_rollout(tok, task, 3, 4)
+    torch.manual_seed(3)
+    adv = torch.randn(12)
+    args = dg.Args(group_size=4, prompts_per_step=3, micro_batch=1, max_grad_norm=1e9, kondo=True,
+                   kondo_hard=True, kondo_keep_rate=0.4, eta=0.7)
+    grad, log = mbt.gradient_and_log(model, lambda opt: dg.update(model, opt, rollout, adv, 1, args))
+    model.zero_grad()
+    logp, _ = tt.token_logprobs(model, rollout)
+    mask = rollout.completion_mask
+    chi = (adv[:, None] * -logp.detach() * mask).sum(1)  # the whole completion's delight
+    keep = torch.zeros(12, dtype=torch.bool)
+    keep[chi.argsort(descending=True, stable=True)[:5]] = True  # ceil(0.4 * 12) = 5
+    w = torch.sigmoid(adv[:, None] * -logp.detach() / 0.7)
+    loss = -((w * adv[:, None]) * logp * mask)[keep].sum() / 12  # / N, not / the 5 kept
+    loss.backward()
+    want = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert torch.allclose(grad, want, atol=1e-6), ((grad - want).norm() / want.norm()).item()
+    assert log["kept"] == pytest.approx(5 / 12) and log["value0"] == pytest.approx(loss.item(), rel=1e-5)
+    kept_mask = mask * keep[:, None]
+    assert log["gate"] == pytest.approx(((w * kept_mask).sum() / kept_mask.sum()).item(), rel=1e-5)
+    # the batch tells the sum of the delights from their mean and from a sum that counts padding
+    top = lambda c: set(c.argsort(descending=True, stable=True)[:5].tolist())
+    delight = adv[:, None] * -logp.detach()
+    assert top(chi) != top(chi / mask.sum(1)) and top(chi) != top(delight.sum(1))
