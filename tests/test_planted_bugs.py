@@ -252,19 +252,48 @@ class Spy:
         self.monkeypatch.setattr(owner, name, spy)
 
     def record(self, owner, name):
-        """Record every call of owner.name: its positional arguments and what it returned."""
+        """Record every call of owner.name: its positional arguments and what it returned. An update
+        (name "update") also records a copy of the model it was given, as it was before the call."""
         real = getattr(owner, name)
         calls = self.calls.setdefault(name, [])
 
         def spy(*a, **k):
+            before = copy.deepcopy(a[0]) if name == "update" else None
             out = real(*a, **k)
-            calls.append((a, out))
+            calls.append((a, out) if before is None else (a, out, before))
             return out
         self.monkeypatch.setattr(owner, name, spy)
 
 
 def score(model, rollout):
     return tt.score(model, rollout)[0]
+
+
+# each clipped file's update, as its Args set it: eps_low, eps_high, beta, token weights, kl logged against
+IN_SITU = {"grpo": (0.2, 0.2, 0.04, lambda m, n, tok: seq_mean(m, n), "k3_ref"),
+           "drgrpo": (0.2, 0.2, 0.04, lambda m, n, tok: m / 10 / n, "k3_ref"),  # L_max: the budget, 10
+           "vpo": (0.2, 0.2, 0.04, lambda m, n, tok: seq_mean(m, n), "k3_ref"),
+           "tree_grpo": (0.2, 0.2, 0.04, lambda m, n, tok: seq_mean(m, n), "k3_ref"),
+           "dapo": (0.2, 0.28, 0.0, lambda m, n, tok: m / tok, "k3_old"),
+           "pedagogical": (0.2, 0.2, 0.0, lambda m, n, tok: seq_mean(m, n), "k3_old")}
+
+
+def check_update_in_situ(name, before, rollout, adv, old_logp, ref_logp, out):
+    """What one update call returned (loss, stats, entropy) against the reference clipped surrogate on the
+    policy as it was before the call: the file's own clip range, beta and aggregation, in the run."""
+    eps_low, eps_high, beta, weight, kl_to = IN_SITU[name]
+    mask = rollout.completion_mask
+    logp, entropy = tt.score(before, rollout)
+    n, tokens = mask.size(0), mask.sum()
+    want_loss, _, want = reference_clip(logp, old_logp, ref_logp, adv, mask, eps_low, eps_high, beta,
+                                        weight(mask, n, tokens))
+    loss, stats, got_entropy = out[:3]
+    assert float(loss) == pytest.approx(want_loss.item(), rel=1e-4, abs=1e-6)
+    assert float(stats["clip_frac"]) == pytest.approx(want["clip_frac"].item(), abs=1e-6)
+    assert float(stats["ratio"]) == pytest.approx(want["ratio"].item(), rel=1e-5)
+    assert float(stats["kl"]) == pytest.approx(want[kl_to].item(), rel=1e-4, abs=1e-7)
+    assert float(got_entropy) == pytest.approx(((entropy * mask).sum() / mask.sum()).item(), rel=1e-5)
+    return want["clip_frac"].item()
 
 
 def check_epochs(calls, epochs, frozen):
@@ -286,8 +315,9 @@ def test_grpo_family_trains_against_frozen_pi_old_and_the_frozen_base(monkeypatc
     p = run_fast(f"minimal_{name}.py", *FAST, "--epochs", 2, "--temperature", 0.7)
     assert p.returncode == 0, p.stderr
     assert len(spy.samples) == 2
+    clipped = []
     for step, sampled in zip((1, 2), spy.samples):
-        calls = [a for a, _ in spy.calls["update"] if a[6] == step]
+        calls = [c[0] for c in spy.calls["update"] if c[0][6] == step]
         check_epochs(calls, 2, frozen=(2, 3, 4, 5))
         model, _, rollout, adv, old_logp, ref_logp, _, _ = calls[0]
         assert model is spy.live and rollout is sampled["out"][0]
@@ -295,7 +325,10 @@ def test_grpo_family_trains_against_frozen_pi_old_and_the_frozen_base(monkeypatc
         assert torch.allclose(ref_logp, score(spy.base, rollout), atol=1e-6)  # the base, never moved
         rewards = spy.calls["scores"][step - 1][1] if name == "vpo" else sampled["out"][1]
         assert torch.equal(adv, module.group_advantages(rewards).view(-1))
+        for a, out, before in [c for c in spy.calls["update"] if c[0][6] == step]:
+            clipped.append(check_update_in_situ(name, before, rollout, adv, old_logp, ref_logp, out))
     assert not torch.allclose(old_logp, ref_logp, atol=1e-3)  # step 2: the policy has moved from the base
+    assert clipped[0] == 0 and max(clipped) > 0  # the first epoch cannot clip (rho = 1), a later one did
 
 
 def test_tree_grpo_trains_on_its_tree_advantage_against_frozen_pi_old_and_base(monkeypatch, run_fast):
@@ -309,7 +342,7 @@ def test_tree_grpo_trains_on_its_tree_advantage_against_frozen_pi_old_and_base(m
     assert p.returncode == 0, p.stderr
     task, tok = tt.make_task("reverse"), tt.build_char_tokenizer(tt.ReverseTask.alphabet)
     for step, sampled in zip((1, 2), spy.samples):
-        calls = [a for a, _ in spy.calls["update"] if a[6] == step]
+        calls = [c[0] for c in spy.calls["update"] if c[0][6] == step]
         check_epochs(calls, 2, frozen=(2, 3, 4, 5))
         model, _, rollout, adv, old_logp, ref_logp, _, _ = calls[0]
         assert model is spy.live and rollout is sampled["out"][0]
@@ -322,6 +355,8 @@ def test_tree_grpo_trains_on_its_tree_advantage_against_frozen_pi_old_and_base(m
         prompts = [tok.decode(row, skip_special_tokens=True) for row in rollout.prompt_ids]
         want = [task.reward(t, tt.Example(q, q[:-1][::-1], "")) for t, q in zip(rollout.texts, prompts)]
         assert torch.allclose(rewards.flatten(), torch.tensor(want))
+        for a, out, before in [c for c in spy.calls["update"] if c[0][6] == step]:
+            check_update_in_situ("tree_grpo", before, rollout, adv, old_logp, ref_logp, out)
     assert not torch.allclose(old_logp, ref_logp, atol=1e-3)
 
 
@@ -333,7 +368,7 @@ def test_dapo_trains_on_the_overlong_shaped_advantage(monkeypatch, run_fast):
     assert p.returncode == 0, p.stderr
     shaped = 0
     for step, sampled in zip((1, 2), spy.samples):
-        calls = [a for a, _ in spy.calls["update"] if a[5] == step]
+        calls = [c[0] for c in spy.calls["update"] if c[0][5] == step]
         check_epochs(calls, 2, frozen=(2, 3, 4))
         model, _, rollout, adv, old_logp, _, _ = calls[0]
         kept, rewards, _ = sampled["out"]
@@ -344,6 +379,8 @@ def test_dapo_trains_on_the_overlong_shaped_advantage(monkeypatch, run_fast):
         penalty = dapo.overlong_penalty(rollout.lengths, 10, 3).view_as(rewards)
         assert torch.equal(adv, dapo.group_advantages(rewards + penalty).view(-1))
         shaped += int((penalty.amax(1) > penalty.amin(1)).sum())
+        for a, out, before in [c for c in spy.calls["update"] if c[0][5] == step]:
+            check_update_in_situ("dapo", before, rollout, adv, old_logp, old_logp, out)
     assert shaped > 0  # some group's completions were penalised differently: the shaping moved advantages
 
 
@@ -354,7 +391,7 @@ def test_tpo_trains_towards_a_target_frozen_for_the_step(monkeypatch, run_fast):
     p = run_fast("minimal_tpo.py", *FAST, "--epochs", 2, "--temperature", 0.7, "--eta", 0.5)
     assert p.returncode == 0, p.stderr
     for step, sampled in zip((1, 2), spy.samples):
-        calls = [a for a, _ in spy.calls["update"] if a[5] == step]
+        calls = [c[0] for c in spy.calls["update"] if c[0][5] == step]
         check_epochs(calls, 2, frozen=(2, 3, 4))
         model, _, rollout, q, old_logp, _, _ = calls[0]
         assert model is spy.live and rollout is sampled["out"][0]
@@ -363,6 +400,9 @@ def test_tpo_trains_towards_a_target_frozen_for_the_step(monkeypatch, run_fast):
         u = tpo.group_advantages(sampled["out"][1])
         s_old = (old * rollout.completion_mask).sum(1).view_as(u)
         assert torch.allclose(q, torch.softmax(s_old.log_softmax(1) + u / 0.5, 1), atol=1e-6)
+        for a, out, before in [c for c in spy.calls["update"] if c[0][5] == step]:  # H(q, p) over the groups
+            s_now = (score(before, rollout) * rollout.completion_mask).sum(1).view_as(u)
+            assert float(out[0]) == pytest.approx((-(q * s_now.log_softmax(1)).sum(1).mean()).item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("name", ["pg", "dg"])
@@ -374,12 +414,21 @@ def test_one_update_per_batch_on_the_leave_one_out_advantage(monkeypatch, run_fa
     p = run_fast(f"minimal_{name}.py", *FAST)
     assert p.returncode == 0, p.stderr
     assert len(spy.calls["update"]) == 2
-    for (args, _), sampled in zip(spy.calls["update"], spy.samples):
+    for (args, out, before), sampled in zip(spy.calls["update"], spy.samples):
         model, _, rollout, adv = args[:4]
         assert model is spy.live and rollout is sampled["out"][0]
         rewards = sampled["out"][1]
         g = rewards.size(1)
         assert torch.allclose(adv, (g / (g - 1) * (rewards - rewards.mean(1, keepdim=True))).view(-1), atol=1e-6)
+        # the loss: the sum of each completion's token log-probs (DG: each weighted by its gate) times A,
+        # averaged over the batch's completions
+        logp, entropy = tt.score(before, rollout)
+        mask, weight = rollout.completion_mask, adv[:, None].expand_as(logp)
+        if name == "dg":
+            weight = torch.sigmoid(adv[:, None] * -logp) * adv[:, None]
+        loss, stats, got_entropy = out
+        assert float(loss) == pytest.approx((-(weight * logp * mask).sum() / len(adv)).item(), rel=1e-5)
+        assert float(got_entropy) == pytest.approx(((entropy * mask).sum() / mask.sum()).item(), rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -407,7 +456,7 @@ def test_pedagogical_wiring_and_views(monkeypatch, run_fast, shared):
     student = spy.live  # setup() builds the student; the teacher is a copy of it, or itself with --shared
     for step in (1, 2):
         batch, fresh = spy.samples[2 * step - 2], spy.samples[2 * step - 1]  # the teacher's batch, the student's
-        calls = [a for a, _ in spy.calls["update"] if a[5] == step]
+        calls = [c[0] for c in spy.calls["update"] if c[0][5] == step]
         check_epochs(calls, 2, frozen=(2, 3, 4))
         teacher, _, rollout, adv, old_logp, _, _ = calls[0]
         assert (teacher is student) == shared
@@ -420,6 +469,8 @@ def test_pedagogical_wiring_and_views(monkeypatch, run_fast, shared):
         assert [student_prompt(tok, row) for row in view.prompt_ids] == \
             [student_prompt(tok, row).split("|")[-1] for row in rollout.prompt_ids]
         assert torch.equal(adv, ped.group_advantages(batch["out"][1] * gain.view_as(batch["out"][1])).view(-1))
+        for a, out, before in [c for c in spy.calls["update"] if c[0][5] == step]:
+            check_update_in_situ("pedagogical", before, rollout, adv, old_logp, old_logp, out)
         s_args = spy.calls["student_update"][step - 1][0]
         assert s_args[0] is student and s_args[2] is teacher
 
