@@ -296,6 +296,20 @@ def check_update_in_situ(name, before, rollout, adv, old_logp, ref_logp, out):
     return want["clip_frac"].item()
 
 
+def test_sampling_draws_at_the_temperature_asked_for():
+    # 4000 one-token completions of one prompt at temperature 0.5: the share of each token is
+    # softmax(logits / 0.5), not softmax(logits); greedy takes the argmax
+    task, tok, model = mbt.tiny_policy(warmup=0)
+    ids, mask = tt.encode(tok, ["abc="] * 4000, "cpu")
+    with torch.no_grad():
+        logits = model(input_ids=ids[:1], attention_mask=mask[:1]).logits[0, -1]
+    torch.manual_seed(0)
+    first = tt.sample(model, tok, ids, mask, 1, temperature=0.5).completion_ids[:, 0]
+    share = torch.bincount(first, minlength=len(tok)).float() / 4000
+    assert (share - (logits / 0.5).softmax(-1)).abs().sum() < 0.05 < (share - logits.softmax(-1)).abs().sum()
+    assert tt.sample(model, tok, ids[:2], mask[:2], 1, greedy=True).completion_ids[0, 0] == logits.argmax()
+
+
 def check_epochs(calls, epochs, frozen):
     """Every epoch of a step gets the same batch: the first call's arguments at the `frozen` positions."""
     assert len(calls) == epochs
@@ -473,6 +487,8 @@ def test_pedagogical_wiring_and_views(monkeypatch, run_fast, shared):
             check_update_in_situ("pedagogical", before, rollout, adv, old_logp, old_logp, out)
         s_args = spy.calls["student_update"][step - 1][0]
         assert s_args[0] is student and s_args[2] is teacher
+        # the student imitates fresh prompts, --student_batch of them, not the batch the teacher trained on
+        assert s_args[5] is fresh["args"][2] and len(s_args[5]) == 8 and s_args[5] is not batch["args"][2]
 
 
 def test_student_imitates_fresh_teacher_samples_on_its_own_view_at_temperature_one():
@@ -481,6 +497,7 @@ def test_student_imitates_fresh_teacher_samples_on_its_own_view_at_temperature_o
     sampled at 0.7), divided by the batch's completions."""
     task, tok, student = mbt.tiny_policy("keyed")
     teacher = mbt.tiny_policy("keyed", seed=1)[2]
+    tt.supervised_warmup(teacher, tok, task, 20, 0, view=lambda ex: tt.copy_view(task, ex))  # reads its context
     examples = task.test[:6]
     args = ped.Args(temperature=0.7, student_batch=6, micro_batch=2, max_grad_norm=1e9)
     torch.manual_seed(4)
@@ -586,3 +603,60 @@ def test_kondo_update_divides_by_every_completion_sampled():
     top = lambda c: set(c.argsort(descending=True, stable=True)[:5].tolist())
     delight = adv[:, None] * -logp.detach()
     assert top(chi) != top(chi / mask.sum(1)) and top(chi) != top(delight.sum(1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Each clipped file's update() on a ragged batch (micro-batches of 4 and 40 tokens), against the
+# reference: what the update passes to its loss (clip range, beta, L_max, the batch's counts) shows in
+# the loss, the gradient and the logged values, whatever the run's completions happen to look like.
+
+
+def reference_update_loss(logp, old, ref, adv, mask, eps_low, eps_high, beta, weight):
+    """The reference clipped surrogate with its graph, for the gradient through the model."""
+    a = adv if adv.dim() == 2 else adv[:, None].expand_as(old)
+    ratio = (logp - old).exp()
+    d = ref - logp
+    per_token = torch.maximum(-a * ratio, -a * ratio.clamp(1 - eps_low, 1 + eps_high)) + beta * (d.exp() - d - 1)
+    return (per_token * weight).sum()
+
+
+@pytest.mark.parametrize("name", list(IN_SITU))
+def test_each_clipped_update_on_a_ragged_batch(name):
+    task, tok, model = mbt.tiny_policy()
+    per_prompt = tree.leaves_per_prompt(tree.Args()) if name == "tree_grpo" else 4
+    rollout, _ = mbt.ragged_rollout(tok, task, 3, per_prompt)
+    n, t = rollout.completion_ids.shape
+    torch.manual_seed(1)
+    with torch.no_grad():
+        now = tt.token_logprobs(model, rollout)[0]
+    old, ref = now + 0.3 * torch.randn(n, t), now + 0.3 * torch.randn(n, t)
+    adv = torch.randn(n, t) * rollout.completion_mask if name == "tree_grpo" else torch.randn(n) + 0.2
+    common = dict(prompts_per_step=3, micro_batch=1, max_grad_norm=1e9)
+    if name == "tree_grpo":
+        args = tree.Args(**common)
+        run = lambda opt: tree.update(model, opt, rollout, adv, old, ref, 1, args)
+    elif name == "dapo":
+        args, ref = dapo.Args(group_size=4, **common), old
+        run = lambda opt: dapo.update(model, opt, rollout, adv, old, 1, args)
+    elif name == "pedagogical":
+        args, ref = ped.Args(group_size=4, **common), old
+        run = lambda opt: ped.update(model, opt, rollout, adv, old, 1, args)
+    else:  # L_max 16 for Dr. GRPO: wider than any completion of this batch (10), so the two cannot agree
+        args = ALL[name].Args(group_size=4, max_new_tokens=16, **common)
+        run = lambda opt: ALL[name].update(model, opt, rollout, adv, old, ref, 1, args)
+    grad, log = mbt.gradient_and_log(model, run)
+    eps_low, eps_high, beta, weight, kl_to = IN_SITU[name]
+    mask = rollout.completion_mask
+    w = mask / 16 / n if name == "drgrpo" else weight(mask, n, mask.sum())
+    model.zero_grad()
+    logp, entropy = tt.token_logprobs(model, rollout)
+    loss = reference_update_loss(logp, old, ref, adv, mask, eps_low, eps_high, beta, w)
+    loss.backward()
+    want = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert torch.allclose(grad, want, atol=1e-6), ((grad - want).norm() / want.norm()).item()
+    _, _, stats = reference_clip(logp, old, ref, adv, mask, eps_low, eps_high, beta, w)
+    assert log["value0"] == pytest.approx(loss.item(), rel=1e-5)
+    for key, ref_key in (("clip_frac", "clip_frac"), ("ratio", "ratio"), ("kl", kl_to)):
+        assert log[key] == pytest.approx(stats[ref_key].item(), rel=1e-5, abs=1e-7), key
+    assert log["value2"] == pytest.approx(((entropy * mask).sum() / mask.sum()).item(), rel=1e-5)
+    assert 0 < stats["clip_frac"] < 1
