@@ -660,3 +660,29 @@ def test_each_clipped_update_on_a_ragged_batch(name):
         assert log[key] == pytest.approx(stats[ref_key].item(), rel=1e-5, abs=1e-7), key
     assert log["value2"] == pytest.approx(((entropy * mask).sum() / mask.sum()).item(), rel=1e-5)
     assert 0 < stats["clip_frac"] < 1
+
+
+@pytest.mark.parametrize("name", ["pg", "grpo", "drgrpo", "dapo", "tpo", "dg", "vpo", "tree_grpo", "pedagogical"])
+def test_micro_batches_hold_whole_groups(monkeypatch, name):
+    # --micro_batch counts prompts: each forward pass with a graph holds whole groups (a tree's leaves),
+    # here 1 prompt of 3, whatever that changes or not in the numbers
+    task, tok, model = mbt.tiny_policy()
+    per_prompt = tree.leaves_per_prompt(tree.Args()) if name == "tree_grpo" else 4
+    rollout, _ = mbt.ragged_rollout(tok, task, 3, per_prompt)
+    n, t = rollout.completion_ids.shape
+    old = torch.zeros(n, t)
+    adv = torch.randn(n, t) if name == "tree_grpo" else torch.randn(n)
+    rows, token_logprobs = [], tt.token_logprobs
+    monkeypatch.setattr(tt, "token_logprobs", lambda m, r, *a, **k: rows.append(len(r.completion_ids)) or token_logprobs(m, r, *a, **k))
+    common = dict(prompts_per_step=3, micro_batch=1)
+    if name == "tree_grpo":
+        tree.update(model, mbt.KeepGradient(model), rollout, adv, old, old, 1, tree.Args(**common))
+    elif name in ("pg", "dg"):
+        ALL[name].update(model, mbt.KeepGradient(model), rollout, adv, 1, ALL[name].Args(group_size=4, **common))
+    elif name in ("dapo", "pedagogical"):
+        ALL[name].update(model, mbt.KeepGradient(model), rollout, adv, old, 1, ALL[name].Args(group_size=4, **common))
+    elif name == "tpo":
+        tpo.update(model, mbt.KeepGradient(model), rollout, torch.full((3, 4), 0.25), old, 1, tpo.Args(group_size=4, **common))
+    else:
+        ALL[name].update(model, mbt.KeepGradient(model), rollout, adv, old, old, 1, ALL[name].Args(group_size=4, **common))
+    assert rows == [per_prompt] * 3
