@@ -7,7 +7,6 @@ estimators and teacher columns, DG's Kondo normaliser, the pedagogical student's
 bugs planted to prove each test can fail, and which test caught each, are listed in
 notes/planted_bugs.md."""
 import copy
-import math
 
 import pytest
 import torch
@@ -349,8 +348,8 @@ def test_tree_grpo_trains_on_its_tree_advantage_against_frozen_pi_old_and_base(m
     spy = Spy(monkeypatch)
     spy.sampler(tree, "grow_trees")
     spy.record(tree, "update")
-    for key, real in list(tree.ADVANTAGES.items()):
-        spy.record(tree, key + "_advantages")  # not what main looks up: the dict holds the functions
+    for key in list(tree.ADVANTAGES):  # main looks the function up in this dict, not in the module
+        spy.record(tree, key + "_advantages")
         monkeypatch.setitem(tree.ADVANTAGES, key, getattr(tree, key + "_advantages"))
     p = run_fast("minimal_tree_grpo.py", *FAST, "--epochs", 2, "--temperature", 0.7)
     assert p.returncode == 0, p.stderr
