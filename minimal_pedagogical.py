@@ -124,8 +124,8 @@ def group_advantages(rewards, eps=1e-4):
     group whose rewards are all equal."""
     mean, std = rewards.mean(1, keepdim=True), rewards.std(1, unbiased=False, keepdim=True)
     flat = rewards.max(1, keepdim=True).values == rewards.min(1, keepdim=True).values  # (P, 1)
-    # std > 0 would not do: in float32 the mean and std of eight 0.6s are one rounding step (6e-8) off,
-    # and dividing by std + eps would turn that residue into advantages of about 6e-4
+    # std > 0 would not do: in float32 the mean of eight 0.6s is one rounding step (6e-8) off (their std is
+    # 0 in a batch of groups, 6e-8 alone), and dividing r - mean by std + eps would give advantages of 6e-4
     return torch.where(flat, torch.zeros_like(rewards), (rewards - mean) / (std + eps))
 
 

@@ -93,7 +93,8 @@ def group_advantages(rewards):
     whose rewards are all equal. No eps: u must have unit scale, because eta is measured in it."""
     mean, std = rewards.mean(1, keepdim=True), rewards.std(1, unbiased=False, keepdim=True)
     flat = rewards.max(1, keepdim=True).values == rewards.min(1, keepdim=True).values  # (P, 1)
-    # std > 0 would not do: in float32 the mean and std of eight 0.6s are one rounding step (6e-8) off
+    # std > 0 would not do: in float32 the mean of eight 0.6s is one rounding step (6e-8) off, and their
+    # std is 6e-8 too in a lone group (0 in a batch of groups): the residue divided by it is of order 1
     return torch.where(flat, torch.zeros_like(rewards), (rewards - mean) / std.clamp(min=1e-12))
 
 

@@ -32,13 +32,14 @@ def test_pg_leave_one_out_advantage():
 RESIDUE_GROUPS = torch.tensor([[0.6] * 8, [1 / 3] * 8, [2 / 5] * 8, [5 / 6] * 8, [0.3] * 8])
 
 
-def test_residue_groups_really_leave_a_residue():
-    assert (RESIDUE_GROUPS - RESIDUE_GROUPS.mean(1, keepdim=True)).abs().amax(1).min() > 0
-
-
 @pytest.mark.parametrize("module", [pg, grpo])
 def test_flat_group_advantage_is_exactly_zero(module):
+    # the residue is real (else the test would prove nothing): r - mean is 3e-8 or 6e-8, not 0. The
+    # population std of these groups comes out exactly 0 here, but a lone group's (one row) is 6e-8.
+    assert (RESIDUE_GROUPS - RESIDUE_GROUPS.mean(1, keepdim=True)).abs().amax(1).min() > 0
     assert torch.equal(module.group_advantages(RESIDUE_GROUPS), torch.zeros(5, 8))
+    for row in RESIDUE_GROUPS:  # one group at a time, as a batch of one prompt has it
+        assert torch.equal(module.group_advantages(row[None]), torch.zeros(1, 8))
 
 
 def test_grpo_standardised_advantage():
@@ -118,10 +119,16 @@ def test_grpo_kl_term_enters_the_loss():
     assert stats["kl"].item() == pytest.approx(0.193147, abs=1e-6)
 
 
-def test_pg_ratio_is_one_and_nothing_clips():
-    logp = torch.randn(3, 4, requires_grad=True)
-    _, stats = pg.policy_loss(logp, logp.detach(), torch.tensor([1.0, -0.5, 0.2]), torch.ones(3, 4), 3)
-    assert stats["ratio"].item() == 1.0 and stats["clip_frac"].item() == 0.0 and stats["kl"].item() == 0.0
+def test_pg_diagnostics_hand_worked():
+    # the ratio, drift share and k3 are computed, not fed: pi_old = 0.5 and pi = 0.5, 0.75, 0.25 and a
+    # padded token. ratio = 1, 1.5, 0.5 -> mean 1; |ratio - 1| > 0.2 on 2 of 3 tokens;
+    # k3 = 0, (2/3 - ln(2/3) - 1) = 0.072132, (2 - ln 2 - 1) = 0.306853 -> mean 0.126328
+    logp = torch.log(torch.tensor([[0.5, 0.75], [0.25, 0.9]]))
+    stats = pg.policy_loss(logp, torch.full((2, 2), math.log(0.5)), torch.tensor([1.0, -1.0]),
+                           torch.tensor([[1.0, 1.0], [1.0, 0.0]]), 2)[1]
+    assert stats["ratio"].item() == pytest.approx(1.0) and stats["clip_frac"].item() == pytest.approx(2 / 3)
+    assert stats["kl"].item() == pytest.approx(0.126328, abs=1e-6)
+    # and the update takes pi_old from the same pass: test_planted_bugs.test_pg_update_takes_pi_old_from_the_same_pass
 
 
 def test_grpo_equals_pg_in_the_limit():
@@ -333,15 +340,26 @@ def test_log_jsonl_creates_missing_folders(run_fast, tmp_path):
     assert [json.loads(x)["kind"] for x in log.read_text().splitlines()][-1] == "final"
 
 
-def test_pretrained_model_from_a_local_folder(run_fast, tmp_path):
+def test_pretrained_model_from_a_local_folder(run_fast, tmp_path, monkeypatch):
     """--model loads any causal LM with its tokenizer; here the tiny Llama saved with save_pretrained,
     so the real loading path is exercised without a download."""
-    task, tok, model = tiny_policy()
+    task, tok, model = tiny_policy(seed=3)  # not the weights a seed-0 run would draw for a fresh model
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
+    loaded = []
+    setup = tt.setup
+
+    def spy_setup(*a, **k):
+        out = setup(*a, **k)
+        loaded.append([q.detach().clone() for q in out[1].parameters()])
+        return out
+
+    monkeypatch.setattr(tt, "setup", spy_setup)
     p = run_fast("minimal_grpo.py", "--model", tmp_path, "--steps", 2, "--eval_every", 0)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip().splitlines()[-1].startswith("final test_acc=")
+    # the policy that trained is the saved one, weight for weight (not a fresh model, nor a warmed-up one)
+    assert all(torch.equal(a, b) for a, b in zip(loaded[0], model.parameters()))
 
 
 def test_add_task_runs(run_fast):

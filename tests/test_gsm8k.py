@@ -191,3 +191,19 @@ def test_data_without_the_schema_and_the_tiny_default_are_refused(run_fast, loca
     assert p.returncode == 2 and p.stderr.startswith("error: --task gsm8k needs a pretrained --model")
     p = run_fast("minimal_grpo.py", "--eval_size", 10)
     assert p.returncode == 2 and p.stderr.startswith("error: --data and --eval_size apply to --task gsm8k")
+
+
+def test_a_template_that_writes_the_bos_gets_exactly_one():
+    """A Llama-style template writes the BOS itself: `encode`, which adds the tokenizer's specials,
+    would give a second one unless the prompt drops it; a tokenizer that adds no BOS must keep it."""
+    from tokenizers import processors
+
+    task = tt.GSM8KTask.__new__(tt.GSM8KTask)  # no data needed for a prompt
+    task.tok = tok = tt.build_char_tokenizer(tt.ReverseTask.alphabet)  # its BOS "^" goes in front of every text
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}<{{ m['content'] }}>{% endfor %}"
+                         "{% if add_generation_prompt %}=>{% endif %}")
+    body = f"<abc\n{tt.GSM8K_INSTRUCTION}>=>"
+    bos = lambda prompt: int((tt.encode(tok, [prompt], "cpu")[0] == tok.bos_token_id).sum())
+    assert task.prompt("abc") == body and bos(task.prompt("abc")) == 1
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A", special_tokens=[])
+    assert task.prompt("abc") == "^" + body and bos(task.prompt("abc")) == 1  # the template's own BOS stays

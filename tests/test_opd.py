@@ -165,11 +165,16 @@ def save_tiny(path, alphabet):
     tok.save_pretrained(path)
 
 
-def test_teacher_from_a_local_folder(run_fast, tmp_path):
+def test_teacher_from_a_local_folder(run_fast, tmp_path, monkeypatch):
     save_tiny(tmp_path, tt.ReverseTask.alphabet)
+    teachers, load_teacher = [], tt.load_teacher
+    monkeypatch.setattr(tt, "load_teacher", lambda *a, **k: teachers.append(load_teacher(*a, **k)) or teachers[-1])
     p = run_fast("minimal_opd.py", *FAST, "--teacher", tmp_path)
     assert p.returncode == 0, p.stderr
     assert p.stdout.startswith("teacher test_acc=")
+    # the teacher that scored is the saved one, weight for weight, not the tiny teacher trained in memory
+    saved, _ = tt.load_pretrained(str(tmp_path))
+    assert all(torch.equal(a, b) for a, b in zip(teachers[0][0].parameters(), saved.parameters()))
 
 
 def test_teacher_with_another_vocabulary_stops(run_fast, tmp_path):

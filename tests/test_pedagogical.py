@@ -268,7 +268,9 @@ def test_ablations_and_other_tasks_run(run_fast, extra):
 
 def test_lambda_zero_gives_learnability_one(run_fast):
     p = run_fast("minimal_pedagogical.py", *FAST, "--lam", "0")
+    assert p.returncode == 0, p.stderr
     steps = [line for line in p.stdout.splitlines() if line.startswith("step=")]
+    assert len(steps) == 2
     for line in steps:
         record = dict(kv.split("=") for kv in line.split())
         assert float(record["learnability"]) == 1.0 and record["reward"] == record["task_reward"]
