@@ -19,6 +19,7 @@ import minimal_grpo as grpo
 import minimal_opd as opd
 import minimal_pedagogical as ped
 import minimal_pg as pg
+import minimal_ppo as ppo
 import minimal_tpo as tpo
 import minimal_tree_grpo as tree
 import minimal_vpo as vpo
@@ -92,7 +93,11 @@ CLIPPED = {
                   EPS, EPS, BETA, lambda m, n, tok: seq_mean(m, n), "k3_ref"),
     "pedagogical": (lambda lp, old, ref, a, m, n, tok: ped.policy_loss(lp, old, a, m, EPS, n),
                     EPS, EPS, 0.0, lambda m, n, tok: seq_mean(m, n), "k3_old"),
+    # PPO: per-token advantages, its KL in the reward (not the loss), the logged kl to the reference
+    "ppo": (lambda lp, old, ref, a, m, n, tok: ppo.policy_loss(lp, old, ref, a, m, EPS, n),
+            EPS, EPS, 0.0, lambda m, n, tok: seq_mean(m, n), "k3_ref"),
 }
+PER_TOKEN = ("tree_grpo", "ppo")  # one advantage per token, not per completion
 
 
 def test_the_clip_batch_tells_every_wrong_clip_count_apart():
@@ -115,7 +120,7 @@ def test_the_clip_batch_tells_every_wrong_clip_count_apart():
 @pytest.mark.parametrize("name", list(CLIPPED))
 def test_every_clipped_loss_matches_the_reference(name, adv_kind):
     call, eps_low, eps_high, beta, weight, kl_to = CLIPPED[name]
-    logp, old, ref, adv, mask, n, tokens = clip_batch(adv_kind, per_token=name == "tree_grpo")
+    logp, old, ref, adv, mask, n, tokens = clip_batch(adv_kind, per_token=name in PER_TOKEN)
     loss, stats = call(logp, old, ref, adv, mask, n, tokens)
     want_loss, want_grad, want = reference_clip(logp, old, ref, adv, mask, eps_low, eps_high, beta,
                                                 weight(mask, n, tokens))
