@@ -96,6 +96,11 @@ def test_set_score_of_whole_answer_sets_hand_worked():
     R = task.rewards(["d|db|dbac", "x|db|dbac", "db|dbac"], [ex] * 3)[None]  # (1, 3, 3, 2)
     expected = [0.9375 * 3 / 7 - 0.34375 * 9 / 49 + 0.75 * (0.6 - 3 / 7) - 0.125 * (0.36 - 9 / 49) + 0.32, .725, .725]
     assert vpo.vpo_scores(R.double(), w.double())[0].tolist() == pytest.approx(expected, abs=1e-6)
+    # and what training uses, Dirichlet(1, 1) draws shared by the group: the mean of the max, to sampling
+    # error (the max of the mean would give max(.594, .625, .5) = .625 for the first set)
+    torch.manual_seed(0)
+    s = vpo.completion_scores(R, SimpleNamespace(set_score="vpo", n_weights=20_000, w_gold=0.5))
+    assert s[0].tolist() == pytest.approx(expected, abs=0.005)
 
 
 def test_set_score_hand_worked():
