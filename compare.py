@@ -268,7 +268,7 @@ def tree_vs_chains_one_seed(args, seed):
     model.eval()
     prompts = task.test[:args.prompts] * args.repeats
     ids, mask = tt.encode(tok, [ex.prompt for ex in prompts], device)
-    rollout, owner, gen_tokens, grown = tree.grow_trees(model, tok, ids, mask, run)
+    rollout, owner, gen_tokens = tree.grow_trees(model, tok, ids, mask, run)
     k = args.trees * owner.size(1)  # leaves per prompt
     leaf_ok = task.rewards(rollout.texts, [ex for ex in prompts for _ in range(k)]).view(len(prompts), k) == 1
     tree_tokens = gen_tokens.view(len(prompts), -1).sum(1)  # (P,) sampled for each prompt's trees

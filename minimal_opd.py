@@ -3,9 +3,6 @@
 Papers: Agarwal et al., "On-Policy Distillation of Language Models: Learning from Self-Generated
 Mistakes" (GKD), ICLR 2024, arXiv 2306.13649; Lu et al. (Thinking Machines), "On-Policy
 Distillation", 2025 blog; Gu et al., "MiniLLM", arXiv 2306.08543.
-The same loss at scale: --estimator sampled is tinker-cookbook's distillation/train_on_policy.py
-(kl_penalty_coef=1, kl_discount_factor=0, loss_fn="importance_sampling", num_substeps=1);
---estimator full is TRL's GKDTrainer with lmbda=1 (on-policy only), beta=1 (reverse KL), temperature=1.
 Parent: minimal_pg.py (one gradient step per batch, REINFORCE loss, no clip, no reference model).
 The change: the advantage. No reward, no baseline: a frozen teacher pi_T scores the student's own
 tokens, and each token is credited with its own log-ratio, and with nothing that came after it:
@@ -21,38 +18,32 @@ estimator does that sum over the vocabulary exactly instead of drawing one token
 with less noise, at the price of the teacher's whole distribution (so a shared vocabulary). Neither
 charges a token for the prefixes it leads to (tinker's kl_discount_factor = 0; a discount would add
 every later log-ratio to A_t, and its variance with it). A is detached whole: a live log pi_S inside
-it would add the gradient of (log pi_S)^2 / 2, a bias. The task reward is still computed and logged
-as `reward`, never trained on: --binary changes that column and not one other number (tested).
+it would add log pi_S grad log pi_S, whose expectation is -grad H(pi_S), an entropy bonus of weight 1.
+The task reward is logged as `reward` and never trained on (--binary changes that column only; tested).
+Why the toy shows it: the reward gives one number per completion (with --binary, mostly 0 for every
+completion of a group at the base), the teacher a verdict on every token, whatever the reward.
 
-The teacher (toy_tasks.load_teacher) is the same 2-layer Llama with the same tokenizer, trained in
-memory by the supervised warm-up for --teacher_steps 200 steps with the learning rate decayed to 0,
-from its own seeds (neither its weights nor its data shift the student's; tested). Held-out accuracy
-0.987-0.999 over seeds 0-2, trained in 24 s on one busy thread. Stronger by training, not by size.
-Frozen: eval mode, no gradients, no optimizer, scored at temperature 1 whatever --temperature is
-(the student is scored at the temperature it sampled at, as tinker uses the sampler's log-probs).
-Below --teacher_min_acc 0.97 the run stops before any RL. --teacher loads any Hugging Face causal LM
-that shares the student's vocabulary instead; a --model student must name one.
+The same loss at scale, up to one positive factor per batch (the same direction; when the gradient norm
+exceeds the clip with and without it, as on this toy, the same step): --estimator sampled has
+tinker-cookbook's gradient (distillation/train_on_policy.py: kl_penalty_coef=1, kl_discount_factor=0,
+loss_fn="importance_sampling", num_substeps=1), which sums every token of the N completions: ours times N.
+Its logged loss is -sum A, not our -mean sum A log pi_S. --estimator full equals TRL's GKD loss
+(generalized_jsd_loss with beta=1, the reverse KL, at temperature 1, fully on-policy: lmbda=1) times M/N,
+M the batch's tokens: it divides by tokens, we by completions. GKDTrainer itself divides by the token
+count of the dataset's reference replies, not of the student's samples; TRL 1.16 recommends its
+DistillationTrainer for lmbda=1. One forward pass gives both the sampler's and the learner's log-probs
+(tinker's ratio is exactly 1 here). At --temperature other than 1 neither reference applies: the student
+is scored at its sampling temperature, the teacher at 1.
 
-Why the toy shows the method. At the base (40 warm-up steps, seed 0) the student's samples are 6.3
-tokens long and half their tokens are the teacher's own choice: those get A = +0.5 on average, the
-other half A = -4.8 (the teacher puts e^-6.3 on them). That is a verdict on every token, where the
-reward gives one number per completion: 0.41 per-character credit, or, with --binary, 1 for 3% of
-GRPO's first batch, so (were they independent) 0.97^8 = 78% of its groups of 8 are all zeros and
-teach nothing. The teacher's verdicts do not change with --binary at all.
-
-Choices, stated (every number: seed 0, 1 CPU thread; README for the commands):
-- 256 prompts x 1 completion per step, GRPO's 256 samples without the groups that no baseline needs:
-  more distinct prompts for the same samples (100 steps: test_acc 0.968, against 0.920 with 32 x 8).
-- lr 1e-3, the siblings' rate: at 3e-3 test_acc fell from 0.58 to 0.44 within 10 steps (seed 0).
-- One aggregation for both estimators, the parent's (sum over each completion's tokens, mean over
-  completions), so that they differ in variance only; tinker sums over tokens, TRL's GKD divides the
-  sum by the number of tokens, a scale (the mean length, about 6) that Adam mostly absorbs.
-- max_grad_norm 1 kept. grad_norm is 19-59 over 100 steps (advantages of several nats), so every
-  step is clipped; under Adam that rescales a step more than it turns it.
-
-What to watch: teacher_kl (the sampled estimate) tracking reverse_kl (exact) down towards 0,
-top1_agree towards 1, test_acc towards the teacher's. --grad_var_batches K measures instead of
-training: both estimators' gradients on the same K batches at the base (README, claim C2).
+The teacher (toy_tasks.load_teacher): the same 2-layer Llama and tokenizer, trained in memory by the
+supervised warm-up for --teacher_steps with the learning rate decayed to 0, from its own seeds (neither
+its weights nor its data shift the student's; tested); frozen (eval mode, no gradients, no optimizer);
+below --teacher_min_acc the run stops before any RL. --teacher loads any causal LM that shares the
+student's vocabulary; a --model student must name one. Departures: 256 prompts x 1 completion per step
+(GRPO's 256 samples without the groups no baseline needs), lr 1e-3 and AdamW (weight decay 0.01) with
+gradient clip 1, as the siblings (tinker: Adam, beta2 0.95, LoRA). What to watch: teacher_kl (sampled)
+tracking reverse_kl (exact) towards 0, top1_agree towards 1, test_acc towards the teacher's.
+--grad_var_batches K measures both estimators' gradients on the same K batches at the base instead.
 
 Run: uv run minimal_opd.py            (flags: uv run minimal_opd.py --help; --estimator full for GKD)
 """
@@ -69,8 +60,7 @@ class Args:
     """task to train on: reverse (dense per-character reward), add (exact-match reward) or gsm8k (a real task
     for a --model with a --teacher; test_acc is then the share of held-out problems answered right)"""
     data: str = ""
-    """--task gsm8k: a local folder of train and test files (or one file) with GSM8K's fields; empty downloads
-    openai/gsm8k"""
+    """--task gsm8k: a local folder of train and test files, or one file, in GSM8K's schema (empty: download)"""
     eval_size: int = 0
     """--task gsm8k: held-out problems evaluated, the first of the test split (0: 200)"""
     binary: bool = False
@@ -93,15 +83,13 @@ class Args:
     max_grad_norm: float = 1.0
     """gradient-norm clip"""
     max_new_tokens: int = -1
-    """token budget per completion, one that never emits EOS is truncated and marked (-1: the task's own,
-    10 for the toys, 256 for gsm8k)"""
+    """token budget per completion, cut off without EOS (-1: the task's own, 10 for the toys, 256 for gsm8k)"""
     temperature: float = 1.0
     """sampling temperature (the student's log-probs are taken at the same temperature, the teacher's at 1)"""
     eval_every: int = 20
     """greedy held-out evaluation every this many steps (0: only at the end)"""
     micro_batch: int = 0
-    """prompts per micro-batch: each forward and backward pass holds this many prompts' completions, and
-    their gradients add up to one optimizer step (0: the whole batch at once)"""
+    """prompts per forward and backward pass; their gradients add up to one optimizer step (0: all at once)"""
     dtype: str = "auto"
     """auto (bfloat16 autocast for a --model on CUDA, float32 otherwise), float32 or bfloat16"""
     grad_checkpointing: bool = False

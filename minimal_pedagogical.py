@@ -1,44 +1,28 @@
 """Pedagogical RL: a teacher with privileged context, rewarded for being learnable by its student.
 
-Blog: Chakraborty, Ziems et al. 2026, "Pedagogical RL: Teaching Models to Teach Themselves from
-Privileged Information" (no arXiv id). The blog gives no formulas; these are the rl-experiments
-pedagogy sandbox's (deepakvijaykee/rl-experiments, pedagogy_sandbox/losses.py, train.py), which cites it.
-Parent: minimal_grpo.py, for the teacher's update; the student's update is new.
-The change: RL trains a *teacher* that sees privileged context c (here, the accepted answers) before
-the student's prompt x, for task success times how learnable its completion is to the current
-student, who reads the same tokens without c; the student learns only by imitating fresh teacher
-samples, through a gate that ignores the tokens it finds surprising. One step = one update of each:
+Blog: Chakraborty, Ziems et al. 2026, "Pedagogical RL: Teaching Models to Teach Themselves from Privileged
+Information" (no arXiv id); its stored copy stops before any formula, so these are rl-experiments' pedagogy
+sandbox's (deepakvijaykee/rl-experiments, pedagogy_sandbox/losses.py, train.py), which follows it. Parent:
+minimal_grpo.py (the teacher's update). The change: RL trains a teacher that sees privileged context c before the
+student's prompt x, for task success times learnability to the current student (the same tokens without c); the
+student only imitates fresh teacher samples, gated against what surprises it:
 
-    g_t  = max_a log pi_S(a | x, y_<t) - log pi_S(y_t | x, y_<t)   (surprise gap: student view, T = 1)
-    P    = (logsumexp_t(beta g_t) - log T) / beta                    (spike penalty over the T real tokens)
-    R'   = R * exp(-lam P)                                           (teacher reward; R binary)
-    teacher: GRPO on R' from the teacher view (group z-score, clipped surrogate, 4 epochs, no KL)
-    w_t  = sg sigmoid(kappa (log pi_S(y_t | x, y_<t) - gamma))        (the student's gate)
-    loss = mean_b [ sum_t w_t (-log pi_S(y_t)) / sum_t w_t ]         (student, on fresh teacher samples)
+    g_t   = max_a log pi_S(a | x, y_<t) - log pi_S(y_t | x, y_<t)   (surprise gap: student view, temp. 1)
+    spike = (logsumexp_t(beta g_t) - log n) / beta                  (soft max over the n tokens, EOS included)
+    R'    = R * exp(-lam spike)                                     (teacher's GRPO reward, no KL; R binary)
+    w_t   = sg sigmoid(kappa (log pi_S(y_t | x, y_<t) - gamma))     (the student's gate)
+    loss  = mean_b [ sum_t w_t (-log pi_S(y_t)) / sum_t w_t ]       (the student's, on fresh teacher samples)
 
-P is a soft maximum of the gaps (the mean as beta -> 0, the max as beta -> inf), so one token the
-student would never write costs more than several it finds a little odd. beta 5, lam 0.5, kappa 4,
-gamma -2.5 as in the sandbox; it takes 1 teacher epoch and 12 x 8 + 96 samples a step, this file the
-parent's 4 epochs and 32 x 8 + 256.
-
-The toy (--task keyed, toy_tasks.KeyedReverseTask). R must be binary (with partial credit R * G pays
-the teacher to teach the student its own mistakes), and learnability can only choose between several
-correct answers: the verifier accepts the reversal or a per-prompt key, the reversal with its first
-letter replaced (seeded by the string), and the context lists both in a seeded order. At the base the
-student puts 0.81 on the reversal's first letter and 0.05 on the key's; over the 256 held-out prompts
-P = 1.10 for the reversal and 3.20 for the key (G = 0.62 and 0.22; the key's P is larger on 96 %).
-With lam = 0 both earn R' = 1 and the z-score cannot tell them apart.
-Two departures from the issue's design:
-- A key differing in one letter, not a random string: switching from a random key to the reversal
-  changes about three letters at once and every partial switch scores 0 (exploratory runs of an
-  earlier version, not re-run: key_rate stayed near 0.45 for 60 steps). One letter makes it one token.
-- The teacher, a copy of the base, learns to copy the first listed answer (100 steps), then either one
-  at random (60 steps). GRPO compares completions of one prompt: a teacher that always copies the
-  first answer writes the same string 8 times and the group is flat (--teacher_mix_steps 0: key_rate
-  0.47 +- 0.04 at steps 16-20, against 0.05 +- 0.06 with the mix; 3 seeds). Copying either from the
-  start is slow (an earlier version, not re-run: after 200 steps sampled task reward was 0.67).
-60 steps, not the parent's 100: the default costs about 1.3x GRPO's CPU time (148 s against 116 s of
-single-thread CPU, 3 seeds each) and the student is past 0.95 held-out accuracy by step 50.
+Defaults as the sandbox's: beta 5, lam 0.5, kappa 4, gamma -2.5. The toy (--task keyed, a KeyedReverseTask)
+has two correct answers, the reversal and a key one letter off, both in the teacher's context: only
+learnability tells them apart (R binary: with partial credit R' would pay the teacher to teach the student its
+mistakes). Read learnability_pass and update (the teacher), then student_update.
+Departures from the sandbox: 4 teacher epochs, not 1 (the clip can bind here); 32 x 8 teacher and 256 student
+samples a step, not 12 x 8 and 96; 60 steps, not 300; AdamW (weight decay 0.01: weights shrink 1e-5 a step, 0.24 %
+over the 240 teacher steps), not Adam; a group that ties gets exactly 0 and eps is 1e-4, where the sandbox tests
+std > 1e-8 and divides by std + 1e-8 (eight float32 0.6s: the mean is one rounding step off, std 6e-8 passes, and
+all eight get +0.86); EOS scored and counted in n, each completion's token mean before the batch mean (one length,
+no EOS there); the teacher's copy warm-ups and the student's 40-step base (there, two copies of one random init).
 
 Run: uv run minimal_pedagogical.py          (flags: uv run minimal_pedagogical.py --help)
 """
@@ -56,19 +40,19 @@ class Args:
     task: str = "keyed"
     """task: keyed (reversal; the verifier also accepts a per-prompt key), reverse --binary, or add"""
     binary: bool = False
-    """score reverse by exact match (required with --task reverse: the teacher's reward R * G needs a binary R)"""
+    """score reverse by exact match (required with --task reverse: the teacher's reward needs a binary R)"""
     model: str = ""
     """Hugging Face causal LM (hub id or local folder); empty builds the tiny default Llama"""
     warmup_steps: int = -1
     """supervised warm-up steps that make the tiny default a partly competent base model (-1: the task's
     own, 40 for reverse; 0: start from random weights)"""
     teacher_warmup_steps: int = 100
-    """supervised steps that teach the teacher, a copy of the base, to copy the first answer its context lists"""
+    """supervised steps teaching the teacher (a copy of the base) to copy the first answer in its context"""
     teacher_mix_steps: int = 60
-    """further supervised steps that teach it to copy either listed answer, each half the time"""
+    """further supervised steps that teach it to copy either listed answer, each half the time (one that
+    always copied the first would write one string G times: a flat group, nothing to choose)"""
     shared: bool = False
-    """one network plays teacher and student, so the teacher's copy warm-up also moves the student's base
-    (default: two copies of the base, each with its own optimizer)"""
+    """one network plays both roles (its copy warm-up moves the student's base too); default: two copies"""
     seed: int = 0
     """seed for weights, prompts and sampling: the same seed prints the same lines on CPU"""
     steps: int = 60
@@ -88,9 +72,9 @@ class Args:
     clip_eps: float = 0.2
     """PPO clip range: the ratio is clipped to [1 - clip_eps, 1 + clip_eps]"""
     lam: float = 0.5
-    """learnability weight lambda in G = exp(-lam P) (0: the teacher is rewarded for task success alone)"""
+    """learnability weight lambda in exp(-lam spike) (0: the teacher is rewarded for task success alone)"""
     spike_beta: float = 5.0
-    """beta of the spike penalty, a soft maximum of the surprise gaps (-> mean gap at 0, -> max gap at infinity)"""
+    """beta of the spike penalty, a soft maximum of the surprise gaps (the mean gap at 0, the max at inf)"""
     kappa: float = 4.0
     """sharpness of the student's gate sigmoid(kappa (log pi_S - gamma))"""
     gamma: float = -2.5
@@ -104,8 +88,7 @@ class Args:
     eval_every: int = 20
     """greedy held-out evaluation every this many steps (0: only at the end)"""
     micro_batch: int = 0
-    """prompts per micro-batch: each forward and backward pass holds this many prompts' completions, and
-    their gradients add up to one optimizer step (0: the whole batch at once)"""
+    """prompts per forward and backward pass; their gradients add up to one optimizer step (0: all at once)"""
     dtype: str = "auto"
     """auto (bfloat16 autocast for a --model on CUDA, float32 otherwise), float32 or bfloat16"""
     grad_checkpointing: bool = False
@@ -129,12 +112,6 @@ def group_advantages(rewards, eps=1e-4):
     return torch.where(flat, torch.zeros_like(rewards), (rewards - mean) / (std + eps))
 
 
-def kl_k3(logp, ref_logp):
-    """Schulman's k3 estimator of KL(pi || ref) at the sampled tokens: exp(d) - d - 1, d = ref - pi."""
-    d = ref_logp - logp
-    return torch.exp(d) - d - 1
-
-
 def surprise_gaps(logp_all, tokens):
     """g_t = max_a log pi_S(a) - log pi_S(y_t): 0 where the student would have written the teacher's
     token itself. logp_all (N, T, V) student log-probs; tokens (N, T) -> gaps (N, T), all >= 0."""
@@ -142,30 +119,29 @@ def surprise_gaps(logp_all, tokens):
 
 
 def spike_penalty(gaps, mask, beta):
-    """P = (logsumexp_t(beta g_t) - log T) / beta over each completion's real tokens (EOS included,
-    padding not: T is the completion's own length). gaps, mask (N, T) -> (N,)."""
+    """spike = (logsumexp_t(beta g_t) - log n) / beta over each completion's n real tokens (EOS included,
+    padding not: n is the completion's own length). gaps, mask (N, T) -> (N,)."""
     scaled = (beta * gaps).masked_fill(mask == 0, float("-inf"))  # padding adds exp(-inf) = 0
     return (torch.logsumexp(scaled, 1) - torch.log(mask.sum(1))) / beta
 
 
-def learnability(penalty, lam):
-    """G = exp(-lam P), in (0, 1]: 1 for a completion the student would have written itself."""
-    return torch.exp(-lam * penalty)
+def learnability(spike, lam):
+    """exp(-lam spike), in (0, 1]: 1 for a completion the student would have written itself."""
+    return torch.exp(-lam * spike)
 
 
 @torch.no_grad()
 def learnability_pass(student, view, args):
-    """The current student, frozen, scores the teacher's tokens on the *student* view (its own prompt,
-    never the context) at temperature 1, building no graph, a micro-batch at a time. Returns G and P,
-    (N,) each."""
-    penalties = []
+    """The current student, frozen, scores the teacher's tokens on the *student* view (its own prompt, never
+    the context) at temperature 1, no graph, a micro-batch at a time -> learnability, spike, (N,) each."""
+    spikes = []
     for rows in tt.micro_batches(view.completion_ids.size(0), args.micro_batch * args.group_size):
         part = view.rows(rows)
         logp_all = tt.completion_logits(student, part, 1.0).log_softmax(-1)  # (n_mb, T, V)
         gaps = surprise_gaps(logp_all, part.completion_ids)  # (n_mb, T)
-        penalties.append(spike_penalty(gaps, part.completion_mask, args.spike_beta))
-    penalty = torch.cat(penalties)  # (N,)
-    return learnability(penalty, args.lam), penalty
+        spikes.append(spike_penalty(gaps, part.completion_mask, args.spike_beta))
+    spike = torch.cat(spikes)  # (N,)
+    return learnability(spike, args.lam), spike
 
 
 def aggregate(per_token, mask, n):
@@ -180,13 +156,14 @@ def policy_loss(logp, old_logp, adv, mask, clip_eps, n):
     ratio = torch.exp(logp - old_logp)  # (N, T); 1 in the first inner epoch
     surrogate = torch.min(ratio * adv[:, None], ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv[:, None])
     per_token = -surrogate  # (N, T)
+    d = old_logp - logp  # (N, T) for the k3 drift diagnostic exp(d) - d - 1, as the parent's kl_k3
     # the tokens whose gradient the clip removed (TRL's clip_ratio/region_mean, verl's pg_clipfrac): a
     # ratio outside the band on the side the advantage pushes towards; outside on the other side, the
     # unclipped term is the smaller one and the gradient flows
     clipped = ((ratio > 1 + clip_eps) & (adv[:, None] > 0)) | ((ratio < 1 - clip_eps) & (adv[:, None] < 0))  # (N, T)
     stats = {"ratio": tt.masked_mean(ratio, mask),
              "clip_frac": tt.masked_mean(clipped.float(), mask),
-             "kl": tt.masked_mean(kl_k3(logp, old_logp), mask)}  # k3 to the sampler: there is no reference
+             "kl": tt.masked_mean(torch.exp(d) - d - 1, mask)}  # k3 to the sampler: there is no reference
     return aggregate(per_token, mask, n), {k: v.detach() for k, v in stats.items()}
 
 
@@ -211,15 +188,14 @@ def update(model, optimizer, rollout, adv, old_logp, step, args):
 
 
 def imitation_gate(logp, kappa, gamma):
-    """w_t = sigmoid(kappa (log pi_S(y_t) - gamma)): about 1 for a token the student finds plausible,
-    about 0 for one it finds surprising. The loss treats it as a constant."""
+    """w_t = sigmoid(kappa (log pi_S(y_t) - gamma)): about 1 for a token the student finds plausible, about 0
+    for one it finds surprising. The loss treats it as a constant."""
     return torch.sigmoid(kappa * (logp - gamma))
 
 
 def imitation_loss(logp, mask, kappa, gamma, n):
-    """Surprisal-gated imitation: mean_b [sum_t w_t (-log pi_S(y_t)) / sum_t w_t], each completion
-    normalised by its own gate mass, the mean taken over n, the whole batch's completions.
-    logp, mask (N, T) -> (loss, mean gate over real tokens)."""
+    """Surprisal-gated imitation: mean_b [sum_t w_t (-log pi_S(y_t)) / sum_t w_t], each completion normalised
+    by its own gate mass, the mean over n, the batch's completions. logp, mask (N, T) -> (loss, mean gate)."""
     gate = imitation_gate(logp.detach(), kappa, gamma) * mask  # (N, T) no gradient through the gate
     per_completion = (gate * -logp).sum(1) / gate.sum(1).clamp(min=1e-8)  # (N,)
     return per_completion.sum() / n, tt.masked_mean(gate, mask)
@@ -227,16 +203,15 @@ def imitation_loss(logp, mask, kappa, gamma, n):
 
 def student_update(student, optimizer, teacher, tok, task, examples, step, args, device):
     """The student's step: one fresh teacher completion per example (not the batch the teacher was just
-    trained on, not filtered by correctness), imitated on the student view with the gate recomputed
-    under the current student, in micro-batches of --micro_batch examples. Returns the loss, the mean
-    gate and the tokens sampled."""
+    trained on, nor filtered by correctness), imitated on the student view with the gate recomputed under the
+    current student, --micro_batch examples at a time. Returns the loss, the mean gate, the tokens sampled."""
     rollout, _ = tt.rollout_groups(teacher, tok, task, examples, 1, args, device, teacher=True)
     view = tt.with_prompts(rollout, tok, [ex.prompt for ex in examples], device)
     n, metrics = len(examples), tt.BatchMetrics(view.completion_mask.sum())  # counted before the split
     optimizer.zero_grad()
     for rows in tt.micro_batches(n, args.micro_batch):  # one completion per example
         part = view.rows(rows)
-        logp, _ = tt.token_logprobs(student, part, temperature=1.0)  # (b, T) the student's own view, at T = 1
+        logp, _ = tt.token_logprobs(student, part, temperature=1.0)  # (b, T) the student view, temperature 1
         loss, gate = imitation_loss(logp, part.completion_mask, args.kappa, args.gamma, n)
         tt.check_finite(loss, step, "student loss")
         loss.backward()  # gradients add up over the micro-batches into the whole batch's
@@ -249,28 +224,24 @@ def student_update(student, optimizer, teacher, tok, task, examples, step, args,
 
 def check_args(args):
     if args.task == "gsm8k":
-        tt.fail("--task gsm8k is not wired here: this file's teacher warm-ups and key_rate need a toy verifier "
-                "that accepts two answers (README, On a real model)")
+        tt.fail("--task gsm8k is not wired here: the teacher warm-ups and key_rate need a toy two-answer verifier")
     tt.check_common_args(args, min_group=2)
     if args.task == "tokrev":
         tt.fail("--task tokrev has no separator for a privileged context; use keyed, reverse --binary or add")
     if args.task == "reverse" and not args.binary:
-        tt.fail("--task reverse needs --binary here: with partial credit, R * G pays the teacher to teach "
-                "the student its own mistakes")
+        tt.fail("--task reverse needs --binary: with partial credit R' pays the teacher to teach mistakes")
     if args.epochs < 1:
         tt.fail(f"--epochs must be at least 1, got {args.epochs}")
     if not 0 < args.clip_eps < 1:
         tt.fail(f"--clip_eps must lie strictly between 0 and 1, got {args.clip_eps}")
     if args.student_batch < 1:
         tt.fail(f"--student_batch must be a positive whole number, got {args.student_batch}")
-    for name in ("teacher_warmup_steps", "teacher_mix_steps"):
+    for name in ("teacher_warmup_steps", "teacher_mix_steps", "lam"):
         if getattr(args, name) < 0:
             tt.fail(f"--{name} must not be negative, got {getattr(args, name)}")
     for name in ("student_lr", "spike_beta", "kappa"):
         if not getattr(args, name) > 0:
             tt.fail(f"--{name} must be positive, got {getattr(args, name)}")
-    if args.lam < 0:
-        tt.fail(f"--lam must not be negative, got {args.lam}")
 
 
 # TRY NOT TO MODIFY: the loop every file shares.
@@ -292,7 +263,7 @@ def main():
     logger.info("teacher", copy_acc=copy_acc, key_rate=key_rate)
     mb_rows = args.micro_batch * args.group_size  # rows per forward pass, whole groups (0: the whole batch)
     base_acc, exact, test_entropy = tt.evaluate(student, tok, task, device, args.max_new_tokens, mb_rows)
-    sampled = tt.sampled_exact(student, tok, task, device, args.max_new_tokens)  # exact match at T = 1
+    sampled = tt.sampled_exact(student, tok, task, device, args.max_new_tokens)  # exact, temperature 1
     logger.eval(0, base_acc, exact, entropy=test_entropy, sampled_exact=sampled)
 
     for step in range(1, args.steps + 1):
@@ -300,9 +271,9 @@ def main():
         rollout, rewards = tt.rollout_groups(teacher, tok, task, examples, args.group_size, args, device, teacher=True)
         repeated = [ex for ex in examples for _ in range(args.group_size)]
         view = tt.with_prompts(rollout, tok, [ex.prompt for ex in repeated], device)  # (N, T) student view
-        gain, penalty = learnability_pass(student, view, args)  # (N,) each
+        learn, spike = learnability_pass(student, view, args)  # (N,) each
         is_key = tt.is_other_answer(rollout.texts, rewards.view(-1).tolist(), repeated)  # (N,)
-        ped_rewards = rewards * gain.view_as(rewards)  # (P, G) R * G
+        ped_rewards = rewards * learn.view_as(rewards)  # (P, G) R' = R * learnability
         adv = group_advantages(ped_rewards).view(-1)  # (N,) one advantage per completion
         old_logp, _ = tt.score(teacher, rollout, mb_rows)  # (N, T) pi_old, frozen for every epoch
         for epoch in range(args.epochs):  # the ratio and clip fraction logged are the last epoch's
@@ -314,7 +285,7 @@ def main():
         logger.step(step, reward=ped_rewards.mean(), loss=loss, entropy=entropy, **stats,
                     grad_norm=grad_norm, len=rollout.lengths.mean(),
                     gen_tokens=int(rollout.lengths.sum()) + student_tokens, task_reward=rewards.mean(),
-                    learnability=gain.mean(), spike=penalty.mean(), key_rate=is_key.mean(),
+                    learnability=learn.mean(), spike=spike.mean(), key_rate=is_key.mean(),
                     gate=gate, student_loss=student_loss)
         if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
             test_acc, exact, test_entropy = tt.evaluate(student, tok, task, device, args.max_new_tokens, mb_rows)

@@ -47,11 +47,10 @@ import toy_tasks as tt
 @dataclass
 class Args:
     task: str = "reverse"
-    """task to train on: reverse (per-character reward), add (exact match: sparse), tokrev (the published toy) or gsm8k
-    (a real task for a --model; test_acc is then the share of held-out problems answered right)"""
+    """task to train on: reverse (per-character reward), add (exact match: sparse), tokrev (the published toy)
+    or gsm8k (a real task for a --model; test_acc is then the share of held-out problems answered right)"""
     data: str = ""
-    """--task gsm8k: a local folder of train and test files (or one file) with GSM8K's fields; empty downloads
-    openai/gsm8k"""
+    """--task gsm8k: a local folder of train and test files, or one file, in GSM8K's schema (empty: download)"""
     eval_size: int = 0
     """--task gsm8k: held-out problems evaluated, the first of the test split (0: 200)"""
     binary: bool = False
@@ -77,15 +76,13 @@ class Args:
     max_grad_norm: float = 1.0
     """gradient-norm clip"""
     max_new_tokens: int = -1
-    """token budget per completion, one that never emits EOS is truncated and marked (-1: the task's own,
-    10 for the toys, 256 for gsm8k)"""
+    """token budget per completion, cut off without EOS (-1: the task's own, 10 for the toys, 256 for gsm8k)"""
     temperature: float = 1.0
     """sampling temperature (log-probs are taken at the same temperature)"""
     eval_every: int = 20
     """greedy held-out evaluation every this many steps (0: only at the end)"""
     micro_batch: int = 0
-    """prompts per micro-batch: each forward and backward pass holds this many prompts' completions, and
-    their gradients add up to one optimizer step (0: the whole batch at once)"""
+    """prompts per forward and backward pass; their gradients add up to one optimizer step (0: all at once)"""
     dtype: str = "auto"
     """auto (bfloat16 autocast for a --model on CUDA, float32 otherwise), float32 or bfloat16"""
     grad_checkpointing: bool = False

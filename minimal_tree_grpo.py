@@ -1,35 +1,18 @@
 """Tree GRPO: a tree of rollouts per prompt instead of a group of chains, with TreeRL's segment advantage.
 
-Papers: Hou et al. 2025, "TreeRL: LLM Reinforcement Learning with On-Policy Tree Search", arXiv 2506.11902
-(code THUDM/TreeRL: EPTree in entropy_chain_local_manager.py, tree_node.py; a verl port); Ji et al. 2025,
-"Tree Search for LLM Agent Reinforcement Learning" (Tree-GRPO), arXiv 2509.21240. Parent: minimal_grpo.py.
-The change: per prompt, M root chains; L times, the N sampled tokens of highest surprisal -log p(y_t) in
-each tree become forks, and T continuations are sampled from the prefix y[:t] (the forked token itself is
-re-sampled). Leaves are whole completions, scored by the task; each token gets its segment's advantage
-(a segment s: a run of tokens shared by the same L(s) leaves):
+Papers: TreeRL (Hou et al. 2025, arXiv 2506.11902; code THUDM/TreeRL), Tree-GRPO (Ji et al. 2025, arXiv 2509.21240;
+code AMAP-ML/Tree-GRPO). Parent: minimal_grpo.py. The change: TreeRL's EPTree grows M chains per prompt and, L times,
+forks each tree at its N sampled tokens of highest surprisal -log p(y_t), sampling T continuations from y[:t]
+(pick_forks, branch); each token of a segment s (shared by the same L(s) leaves: tree_values) gets the paper's Eq. 2-4
+with its 1/sqrt(L) reweighting, in GRPO's loss:
 
     V(s) = mean reward of the leaves below s;   V(root) = mean over all leaves of the prompt
     A(s) = [(V(s) - V(root)) + (V(s) - V(parent(s)))] / sqrt(L(s))        (global + local term, no std)
 
-in GRPO's clipped surrogate, k3 KL, inner epochs and per-sequence token mean. The rows are root-to-leaf
-paths, as in TreeRL: a prefix is trained in each of its L(s) leaves' rows, a total weight L(s) A(s) =
-sqrt(L(s)) [...], which is what the sqrt is for; one forward pass gives every row's pi_old. --advantage
-tree_grpo: Tree-GRPO's leaf reward z-scored within its tree plus within the prompt, on every token of
-its path (from the paper; its code was not available).
-
-The toy in arithmetic: GRPO's G = 8 chains of ~6 tokens (EOS included) sample ~48 tokens per prompt;
-(M, N, L, T) = (4, 1, 1, 2) samples 4 chains (~24) and 2 continuations from a fork about halfway along
-each (~3 tokens each, ~24): 12 leaves for ~48 tokens (measured: 49-53 per prompt and step, GRPO 47).
-At the base, a wrong chain's most surprising token is its first mistake 41% of the time (a random one: 19%).
-
-Choices and departures:
-- Fork candidates: every token a tree sampled, EOS included (re-rolling it explores length), ranked by
-  surprisal as TreeRL's code does, not by entropy; the toy has no answer marker to mask after.
-- The verl port's advantage (raw rewards), not the older leave-one-out centring, without fill_in_paths (a
-  zero local term borrows the parent's); --rounds > 1: a fork at a branch's first token makes siblings.
-- Leaves are cut at --max_new_tokens, prefix included; tokens sampled past that still count (~3%).
-- 20 prompts per step, not 32: 240 leaf rows cost about GRPO's 256 (one thread: 114 s CPU against 108 s).
-  TreeRL's training (M, N, L, T) were not in the code read.
+The formula is computed as AttnRL's verl port does (RyanLiu112/AttnRL, without fill_in_paths); TreeRL's own training
+code (scripts/treerl-qw14b.sh) differs: leaves centred leave-one-out (x n/(n-1)), the sqrt inside V (the parent term
+gets 1/sqrt(L(parent))), 16 of 30 leaves trained, truncated rows scored -1, clip-high 1 + 1.3 eps, no KL, temperature
+1.2 and top-p 0.95, (M, N, L, T) = (6, 2, 1, 2). Here every leaf trains, under GRPO's clip, KL and temperature.
 
 Run: uv run minimal_tree_grpo.py          (flags: uv run minimal_tree_grpo.py --help)
 """
@@ -44,11 +27,10 @@ import toy_tasks as tt
 @dataclass
 class Args:
     task: str = "reverse"
-    """task to train on: reverse (per-character reward), add (exact match: sparse), tokrev (the published toy) or gsm8k
-    (a real task for a --model; test_acc is then the share of held-out problems answered right)"""
+    """task to train on: reverse (per-character reward), add (exact match: sparse), tokrev (the published toy)
+    or gsm8k (a real task for a --model; test_acc is then the share of held-out problems answered right)"""
     data: str = ""
-    """--task gsm8k: a local folder of train and test files (or one file) with GSM8K's fields; empty downloads
-    openai/gsm8k"""
+    """--task gsm8k: a local folder of train and test files, or one file, in GSM8K's schema (empty: download)"""
     eval_size: int = 0
     """--task gsm8k: held-out problems evaluated, the first of the test split (0: 200)"""
     binary: bool = False
@@ -65,7 +47,7 @@ class Args:
     prompts_per_step: int = 20
     """prompts per step (20, not GRPO's 32: each prompt trains 12 leaf rows, not 8)"""
     trees: int = 4
-    """M: root chains sampled per prompt, each the root of its own tree"""
+    """M: root chains per prompt, each a tree (4 of ~6 tokens + 8 continuations of ~3: GRPO's ~48 tokens)"""
     forks: int = 1
     """N: fork points per tree and round, its sampled tokens of highest surprisal -log p (EOS may be one)"""
     rounds: int = 1
@@ -85,15 +67,13 @@ class Args:
     max_grad_norm: float = 1.0
     """gradient-norm clip"""
     max_new_tokens: int = -1
-    """token budget per completion, one that never emits EOS is truncated and marked (-1: the task's own,
-    10 for the toys, 256 for gsm8k)"""
+    """token budget per completion, cut off without EOS (-1: the task's own, 10 for the toys, 256 for gsm8k)"""
     temperature: float = 1.0
     """sampling temperature (log-probs are taken at the same temperature)"""
     eval_every: int = 20
     """greedy held-out evaluation every this many steps (0: only at the end)"""
     micro_batch: int = 0
-    """prompts per micro-batch: each forward and backward pass holds this many prompts' completions, and
-    their gradients add up to one optimizer step (0: the whole batch at once)"""
+    """prompts per forward and backward pass; their gradients add up to one optimizer step (0: all at once)"""
     dtype: str = "auto"
     """auto (bfloat16 autocast for a --model on CUDA, float32 otherwise), float32 or bfloat16"""
     grad_checkpointing: bool = False
@@ -108,10 +88,11 @@ class Args:
 
 
 def pick_forks(surprisal, owner, n):
-    """TreeRL's forks: per tree, the n tokens of highest surprisal its leaves sampled themselves, EOS included,
-    padding never (fewer than n: the best again). surprisal, owner (Tr, K, W) -> leaf, position (Tr, n)."""
+    """EPTree's forks: per tree, the n tokens of highest surprisal its leaves sampled themselves, EOS in,
+    padding out, a branch's first token out unless t = 0; fewer: the best again. -> leaf, t (Tr, n) each"""
     k, w = owner.shape[1:]
     own = owner == torch.arange(k, device=owner.device)[:, None]  # (Tr, K, W); False on padding (-1)
+    own = own & torch.nn.functional.pad(own, (1, 0), value=True)[..., :-1]  # and own[t - 1], or t = 0
     score, top = surprisal.masked_fill(~own, -torch.inf).flatten(1).topk(n, dim=1)  # (Tr, n)
     top = torch.where(score > -torch.inf, top, top[:, :1])
     return top // w, top % w
@@ -119,7 +100,7 @@ def pick_forks(surprisal, owner, n):
 
 def branch(model, tok, ids, mask, tokens, owner, leaf, t, args):
     """T continuations from each fork (Tr, N) after prompt + y[:t] (t <= EOS: no prefix holds one), joined
-    into y[:t] + new, cut to the budget: new leaves and owners (Tr, N * T, W), the continuations, stats."""
+    into y[:t] + new and cut to the budget: new leaves and owners (Tr, N * T, W), and the continuations."""
     tr, k, width = tokens.shape
     rows = torch.arange(tr, device=ids.device)[:, None]
     n_new = args.forks * args.branches  # every fork point gets T continuations: (Tr, N) -> (Tr * N * T,)
@@ -136,37 +117,31 @@ def branch(model, tok, ids, mask, tokens, owner, leaf, t, args):
     new, kept = new[:, :width], kept[:, :width]  # the budget counts the prefix too
     new_id = k + torch.arange(new.size(0), device=ids.device) % n_new  # each new leaf's index in its tree
     new_owner = torch.where(before, parent_owner, torch.where(kept.bool(), new_id[:, None], -1))
-    stats = {"fork_pos": t / (parent_owner >= 0).sum(1),  # where on the forked leaf, 0 = first token
-             "differs": new.gather(1, t[:, None]) != parent.gather(1, t[:, None])}  # the re-sampled token
-    return new.view(tr, n_new, width), new_owner.view(tr, n_new, width), cont, stats
+    return new.view(tr, n_new, width), new_owner.view(tr, n_new, width), cont
 
 
 def grow_trees(model, tok, prompt_ids, prompt_mask, args):
     """EPTree: M root chains per prompt, L rounds of N forks per tree, T continuations each -> the leaves (a
     Rollout of Tr = P * M trees of K), owner (Tr, K, T): which leaf of the tree sampled each token (-1:
-    padding), gen_tokens (Tr,): every token sampled, and stats."""
+    padding), and gen_tokens (Tr,): every token sampled."""
     pad = torch.nn.functional.pad
     ids, mask = prompt_ids.repeat_interleave(args.trees, 0), prompt_mask.repeat_interleave(args.trees, 0)
-    leaf_rows = lambda tokens: tt.rollout_from(ids.repeat_interleave(tokens.size(1), 0),  # tree-major
-                                               mask.repeat_interleave(tokens.size(1), 0), tokens.flatten(0, 1),
-                                               tok, args.temperature)  # (Tr, K, W) -> Tr * K rows
+    leaf_rows = lambda tokens: tt.rollout_from(*[x.repeat_interleave(tokens.size(1), 0) for x in (ids, mask)],
+                                               tokens.flatten(0, 1), tok, args.temperature)  # Tr * K rows
     roots = tt.sample(model, tok, ids, mask, args.max_new_tokens, args.temperature)
     grow = args.max_new_tokens - roots.completion_ids.size(1)  # trees are kept at the full budget width
     tokens = pad(roots.completion_ids, (0, grow), value=tok.pad_token_id)[:, None]  # (Tr, 1, W)
     owner = torch.where(pad(roots.completion_mask, (0, grow)) > 0, 0, -1)[:, None]  # each root sampled its own
-    gen_tokens, forks = roots.lengths, []  # (Tr,)
+    gen_tokens = roots.lengths  # (Tr,)
     for _ in range(args.rounds):
         logp, _ = tt.score(model, leaf_rows(tokens), args.micro_batch * leaves_per_prompt(args))
         surprisal = -pad(logp, (0, tokens.size(2) - logp.size(1))).view(tokens.shape)  # (Tr, K, W)
         leaf, t = pick_forks(surprisal, owner, args.forks)  # (Tr, N) each
-        new, new_owner, cont, stats = branch(model, tok, ids, mask, tokens, owner, leaf, t, args)
+        new, new_owner, cont = branch(model, tok, ids, mask, tokens, owner, leaf, t, args)
         tokens, owner = torch.cat([tokens, new], 1), torch.cat([owner, new_owner], 1)
         gen_tokens = gen_tokens + cont.lengths.view(len(ids), -1).sum(1)  # (Tr,) prefixes are free
-        forks.append(stats)
     rollout = leaf_rows(tokens)
-    mean = lambda key: torch.cat([f[key].float().view(-1) for f in forks]).mean() if forks else torch.tensor(0.0)
-    stats = {"fork_pos": mean("fork_pos"), "branch_differs": mean("differs")}
-    return rollout, owner[..., :rollout.completion_ids.size(1)], gen_tokens, stats
+    return rollout, owner[..., :rollout.completion_ids.size(1)], gen_tokens
 
 
 def tree_values(owner, rewards):
@@ -176,41 +151,38 @@ def tree_values(owner, rewards):
     below = shared.sum(3)  # (P, M, K, T) L(s)
     value = (shared * rewards[:, :, None, :, None]).sum(3) / below.clamp(min=1)  # (P, M, K, T) V(s)
     root = rewards.mean((1, 2))  # (P,) V(root): a virtual root above the M trees
-    # the first segment's parent: the virtual root, or after a fork at t = 0 an empty segment of the tree
-    parent = torch.where(below[..., 0] < owner.size(2), rewards.mean(2, keepdim=True), root[:, None, None])
-    parents = [parent]
+    # the first segment's parent: the virtual root, or if a leaf forked at t = 0, an empty one (V = tree mean)
+    parents = [torch.where(below[..., 0] < owner.size(2), rewards.mean(2, keepdim=True), root[:, None, None])]
     for t in range(1, owner.size(3)):  # within a segment the parent stays; at a fork it is the last segment
-        parent = torch.where(below[..., t] == below[..., t - 1], parent, value[..., t - 1])
-        parents.append(parent)
+        parents.append(torch.where(below[..., t] == below[..., t - 1], parents[-1], value[..., t - 1]))
     return value, torch.stack(parents, -1), below, root
 
 
 def treerl_advantages(owner, rewards):
-    """TreeRL: A(s) = [(V(s) - V(root)) + (V(s) - V(parent(s)))] / sqrt(L(s)) on every token of s:
-    (P, M, K, T); exactly 0 for a prompt whose leaves all tie (and on padding)."""
+    """TreeRL: [(V(s) - V(root)) + (V(s) - V(parent(s)))] / sqrt(L(s)) on each token of s, (P, M, K, T); 0
+    if a prompt's leaves all tie. The L(s) rows through s each train it: weight sqrt(L(s)) [...], not L(s)."""
     value, parent, below, root = tree_values(owner, rewards)
     adv = ((value - root[:, None, None, None]) + (value - parent)) / below.clamp(min=1).sqrt()
     flat = (rewards.amax((1, 2)) == rewards.amin((1, 2)))[:, None, None, None]  # (P, 1, 1, 1)
     return torch.where(flat | (owner < 0), torch.zeros_like(adv), adv)
 
 
-def group_advantages(rewards, eps=1e-4):
-    """Group z-score with the population std. rewards (P, G) -> advantages (P, G); exactly 0 for a
-    group whose rewards are all equal."""
-    mean, std = rewards.mean(1, keepdim=True), rewards.std(1, unbiased=False, keepdim=True)
-    flat = rewards.max(1, keepdim=True).values == rewards.min(1, keepdim=True).values  # (P, 1)
-    # std > 0 would not do: in float32 the mean of eight 0.6s is one rounding step (6e-8) off (their std is
-    # 0 in a batch of groups, 6e-8 alone), and dividing r - mean by std + eps would give advantages of 6e-4
+def tree_grpo_zscore(rewards, eps=1e-6):
+    """The Tree-GRPO authors' z-score (verl's GRPO advantage): Bessel's std, eps 1e-6, a group of one scores
+    its reward (mean 0, std 1). rewards (P, G) -> (P, G); exactly 0 for a larger group that ties."""
+    if rewards.size(1) == 1:
+        return rewards / (1 + eps)
+    mean, std = rewards.mean(1, keepdim=True), rewards.std(1, keepdim=True)  # std / (G - 1), not / G
+    flat = rewards.amax(1, keepdim=True) == rewards.amin(1, keepdim=True)  # (P, 1)
     return torch.where(flat, torch.zeros_like(rewards), (rewards - mean) / (std + eps))
 
 
 def tree_grpo_advantages(owner, rewards):
-    """Tree-GRPO: the leaf's z-score within its tree plus its z-score over all leaves of the prompt,
-    on every token of its root-to-leaf path: (P, M, K, T)."""
+    """Tree-GRPO: the leaf's z-score within its tree plus its z-score over all leaves of the prompt, on every
+    token of its root-to-leaf path: (P, M, K, T). Tree-GRPO's own sampler expands random agent-step nodes."""
     p, m, k = rewards.shape
-    within_tree, within_prompt = group_advantages(rewards.view(p * m, k)), group_advantages(rewards.view(p, m * k))
-    leaf = within_tree.view(p, m, k) + within_prompt.view(p, m, k)
-    return torch.where(owner >= 0, leaf[..., None], 0.0)
+    z = lambda groups: tree_grpo_zscore(rewards.reshape(groups, -1)).view(p, m, k)  # groups of leaves
+    return torch.where(owner >= 0, (z(p * m) + z(p))[..., None], 0.0)  # within its tree + within the prompt
 
 
 ADVANTAGES = {"treerl": treerl_advantages, "tree_grpo": tree_grpo_advantages}
@@ -266,8 +238,7 @@ def update(model, optimizer, rollout, adv, old_logp, ref_logp, step, args):
     return loss, stats, entropy
 
 
-def leaves_per_prompt(args):
-    """The rows one prompt trains on: M trees of 1 + L * N * T leaves each."""
+def leaves_per_prompt(args):  # the rows one prompt trains on: M trees of 1 + L * N * T leaves each
     return args.trees * (1 + args.rounds * args.forks * args.branches)
 
 
@@ -304,7 +275,7 @@ def main():
     for step in range(1, args.steps + 1):
         examples = task.sample(rng, args.prompts_per_step)
         prompt_ids, prompt_mask = tt.encode(tok, [ex.prompt for ex in examples], device)
-        rollout, owner, gen_tokens, grown = grow_trees(model, tok, prompt_ids, prompt_mask, args)
+        rollout, owner, gen_tokens = grow_trees(model, tok, prompt_ids, prompt_mask, args)
         owner, k = owner.view(len(examples), args.trees, *owner.shape[1:]), owner.size(1)  # (P, M, K, T)
         rewards = task.rewards(rollout.texts, [ex for ex in examples for _ in range(args.trees * k)])
         rewards = rewards.to(device).view(owner.shape[:3])  # (P, M, K); K leaves in every tree
@@ -316,7 +287,7 @@ def main():
         grad_norm = stats.pop("grad_norm")
         logger.step(step, reward=rewards.mean(), loss=loss, entropy=entropy, **stats,
                     grad_norm=grad_norm, len=rollout.lengths.mean(), gen_tokens=int(gen_tokens.sum()),
-                    len_wrong=tt.mean_length_wrong(rollout, rewards), leaves=args.trees * k, **grown,
+                    len_wrong=tt.mean_length_wrong(rollout, rewards), leaves=args.trees * k,
                     dead_groups=(rewards.amax((1, 2)) == rewards.amin((1, 2))).float().mean())
         if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
             test_acc, exact, test_entropy = tt.evaluate(model, tok, task, device, args.max_new_tokens, mb_rows)

@@ -2,39 +2,25 @@
 
 Paper: Bahlous-Boldi et al. 2026, "Vector Policy Optimization: Training for Diversity Improves Test-Time
 Search", arXiv 2605.22817 (reference code: ryanboldi/vpo, vpo/utils/vpo.py::vpo_advantage).
-Parent: minimal_grpo.py.
-The change: the reward is a vector and each completion holds m answers, "a1|a2|a3"; its advantage is
-the group z-score of the best of its own answers under a random weighting, averaged over weightings:
+Parent: minimal_grpo.py. The change: the reward is a vector, a completion holds m answers "a1|a2|a3", and
+its advantage is the group z-score of its best answer under a random weighting, averaged over weightings:
 
     R_i   = (m, k) rewards of completion i, one row per answer (blank, copied or cut-off: a zero row)
     w_j   ~ Dirichlet(1, ..., 1), j = 1..N, N = 100, drawn once per group and shared by its completions
     s_i   = (1/N) sum_j max_a w_j . R_i[a]       (max over its own answers inside, mean over w outside)
-    A_i   = (s_i - mean(s)) / (std(s) + 1e-4)    (GRPO's group z-score, exactly 0 on a flat group)
+    A_i   = (s_i - mean(s)) / (std(s) + 1e-4)    (GRPO's z-score, on every token of completion i)
 
-A_i goes on every token of completion i, separators included; the clipped update is GRPO's. Sharing
-the draws within a group compares its completions on the same w (common random numbers).
-The toy: reverse, each answer t scored (quality, brevity) = (char_accuracy(t, reverse(s)), 1 - min(|t|/n,
-1)^2). A correct prefix of x n characters scores (x, 1 - x^2), a concave front: no answer is best for
-every weighting, and each weighting prefers its own length (n = 4, under w_gold = (0.5, 0.5)):
-
-    prefix length j       1              2              3              4
-    (quality, brevity)    (.25, .94)     (.50, .75)     (.75, .44)     (1, 0)
-    w_gold score          .594           .625 (best)    .594           .500
-One answer is best at the half prefix (0.625 under w_gold, 0.5 under w = (1, 0)); a set can hold several
-points of the front: "d|db|dbac" scores E_w max 0.765 at n = 4, and 1.0 under (1, 0). Ideal policies on
-the test strings (n = 3..6) reach E_w best@3 0.725 (VPO: one character | half | all), 0.688 (sum: three
-lengths near the middle) and 0.621 (m = 1); under w_gold all three are within 0.01 of 0.62 at k >= 3.
-Baselines, flags on the same base and evaluation: --set_score sum (the repo's Multi-RLVR: the w_gold
-scores of the distinct answers added), --set_score max (the best answer under w_gold), --m 1 --set_score
-max (GRPO on w_gold . r) and --m 1 (GRPO on one random weighting per group). The base: 70 warm-up steps,
-half of each batch "cabd=" -> "dbac", half "|cabd=" -> "dbac|dbac|dbac" (collapsed sets, like an LLM
-repeating itself); plain-format greedy accuracy 0.556 / 0.596 / 0.740, seeds 0-2 (reverse's: .577 / .649 / .561).
-
-test_acc is not a per-character accuracy: per test prompt, 9 answers are pooled from completions sampled
-at temperature 0.7 (3 for m = 3, 9 for m = 1: k counts answers, as in the paper), and test_acc is the
-expected best of 3 of them (exact over the 3-subsets), averaged over 100 fixed w ~ Dirichlet(1).
-Departures: the parent's 4 epochs, beta 0.04 and per-sequence token mean, kept so that the diff is VPO alone
-(paper: 1 epoch, k3 1e-3, batch token mean); eps 1e-4 (repo 1e-6); no dual clip; 60 steps, not 100.
+The toy (toy_tasks.AnswerSetTask): reverse, answer t scored (quality, brevity) = (char_accuracy(t, rev),
+1 - (|t|/n)^2 if t is a prefix of rev, else 0, as the paper's maze pays nothing to a route that misses
+the exit). A correct prefix of x n characters scores (x, 1 - x^2), a concave front: each weighting wants
+its own length, so a set beats any one answer. For rev = "dbac", prefixes of 1-4 characters score .594,
+.625, .594, .500 under w_gold = (.5, .5); E_w max is .625 for "db", .760 for "d|dbac", .765 for "d|db|dbac".
+Read vpo_scores (the change), then evaluate: test_acc is E_w best@3 over the answers of 10 completions
+per test prompt, the repo's maze protocol. Baselines are flags: --set_score sum or max, --m 1 (see --help).
+Departures, GRPO's settings kept so that the diff is VPO alone (the repo's in brackets): 4 epochs (1, in 2
+mini-batch steps), beta 0.04 (k3 1e-3 clamped to +-10), per-sequence token mean (token mean), no dual clip
+(3), 60 steps, eps 1e-4 (1e-6: A is theirs times (std + 1e-6)/(std + 1e-4), within 1 % once std > 0.01),
+the baselines' population std (Bessel's in the repo's GRPO and Multi-RLVR: their A is ours / 1.069 at G = 8).
 
 Run: uv run minimal_vpo.py          (flags: uv run minimal_vpo.py --help)
 """
@@ -46,16 +32,13 @@ import torch
 
 import toy_tasks as tt
 
-TEST_METRIC = "E_w best@3 of 9 sampled answers"  # what test_acc is here (compare.py labels its column)
+TEST_METRIC = "E_w best@3 of 10 completions' answers"  # what test_acc is here (compare.py labels its column)
 ON_EVAL_LINE = ("best@1", "best@9", "gold@3", "diversity")  # the final line has every metric
 
 
 @dataclass
 class Args:
-    task: str = "reverse"
-    """task to train on: only reverse, whose answers the (quality, brevity) vector reward scores"""
-    binary: bool = False
-    """exact-match scoring does not apply: every answer is scored by a reward vector (must stay off)"""
+    task, binary = "reverse", False  # not flags: the (quality, brevity) reward is defined on reverse only
     model: str = ""
     """Hugging Face causal LM (hub id or local folder); empty builds the tiny default Llama"""
     warmup_steps: int = -1
@@ -84,23 +67,22 @@ class Args:
     temperature: float = 1.0
     """sampling temperature (log-probs are taken at the same temperature)"""
     m: int = 3
-    """answers per completion, written "a1|a2|a3" after a prompt marked "|"; 1: the plain format"""
+    """answers per completion, written "a1|a2|a3" after a prompt marked "|"; 1: the plain format (with vpo,
+    the repo's vpo_single: the mean of 100 draws is w_gold give or take 0.029, so GRPO on w_gold . r)"""
     set_score: str = "vpo"
-    """what a completion's answers earn: vpo (E_w of the best answer under w ~ Dirichlet(1)), sum (the
-    answers' w_gold scores added, copies and blanks earning 0: Multi-RLVR) or max (best under w_gold)"""
+    """what a completion's answers earn: vpo (E_w of the best answer, w ~ Dirichlet(1)), sum (the distinct
+    answers' w_gold scores added: the repo's Multi-RLVR) or max (the best under w_gold; --m 1: GRPO on it)"""
     n_weights: int = 100
-    """VPO: Dirichlet(1) weight draws per group, shared by all its completions (the repo's n_selections)"""
+    """VPO: Dirichlet(1) weight draws per group, shared by all its completions (the repo's n_selections;
+    1 with --m 1: random-weight GRPO, one w per prompt, as the paper's augment.py)"""
     w_gold: float = 0.5
     """the deployment weighting w_gold = (w_gold, 1 - w_gold) of (quality, brevity), for sum and max"""
-    eval_answers: int = 9
-    """answers pooled per test prompt for best@k: eval_answers / m sampled completions"""
-    eval_temperature: float = 0.7
-    """sampling temperature of the held-out evaluation (the paper's 0.7)"""
+    eval_chains: int = 10
+    """completions sampled per test prompt for best@k, whatever m (the repo's n_chains): 30 answers, m = 3"""
     eval_every: int = 20
     """held-out evaluation every this many steps (0: only at the end)"""
     micro_batch: int = 0
-    """prompts per micro-batch: each forward and backward pass holds this many prompts' completions, and
-    their gradients add up to one optimizer step (0: the whole batch at once)"""
+    """prompts per forward and backward pass; their gradients add up to one optimizer step (0: all at once)"""
     dtype: str = "auto"
     """auto (bfloat16 autocast for a --model on CUDA, float32 otherwise), float32 or bfloat16"""
     grad_checkpointing: bool = False
@@ -114,21 +96,15 @@ class Args:
 # ALGO LOGIC: everything that makes this method this method.
 
 
-def dirichlet(shape, k, generator=None):
-    """Weights w ~ Dirichlet(1, ..., 1), uniform on the k-simplex: (*shape, k), normalised Exp(1) draws."""
-    w = torch.empty(*shape, k).exponential_(generator=generator)
-    return w / w.sum(-1, keepdim=True)
-
-
-def set_scores(R, w):
+def vpo_scores(R, w):
     """VPO's set score s = (1/N) sum_j max_a w_j . R[a]: the max over the completion's own m answers
     inside, the mean over the N weight draws outside. R (P, G, m, k) reward matrices; w (P, N, k), one
     set of draws per group, shared by its G completions so that they are compared on the same w. -> (P, G)"""
-    scored = (R[:, :, :, None, :] * w[:, None, None, :, :]).sum(-1)  # (P, G, m, N) every answer, every w
-    return scored.amax(2).mean(-1)
+    values = (R[:, :, :, None, :] * w[:, None, None, :, :]).sum(-1)  # (P, G, m, N) every answer, every w
+    return values.amax(2).mean(-1)
 
 
-def scalar_scores(R, w_gold, how):
+def gold_scores(R, w_gold, how):
     """The baselines, under the fixed w_gold: "max" the best answer, "sum" every answer (copies and
     blanks are zero rows, so only distinct answers earn). R (P, G, m, k) -> (P, G)"""
     gold = (R * torch.tensor(w_gold, device=R.device)).sum(-1)  # (P, G, m)
@@ -136,11 +112,12 @@ def scalar_scores(R, w_gold, how):
     return gold.amax(-1) if how == "max" else gold.sort(-1).values.sum(-1)
 
 
-def scores(R, args):
+def completion_scores(R, args):
     """The score each completion's advantage is the group z-score of. R (P, G, m, k) -> (P, G)"""
-    if args.set_score == "vpo":
-        return set_scores(R, dirichlet((R.size(0), args.n_weights), R.size(-1)).to(R.device))
-    return scalar_scores(R, [args.w_gold, 1 - args.w_gold], args.set_score)
+    if args.set_score == "vpo":  # w ~ Dirichlet(1, ..., 1): uniform on the simplex, N draws per group
+        w = torch.distributions.Dirichlet(torch.ones(R.size(-1))).sample((R.size(0), args.n_weights))
+        return vpo_scores(R, w.to(R.device))  # (P, N, k)
+    return gold_scores(R, [args.w_gold, 1 - args.w_gold], args.set_score)
 
 
 def group_advantages(rewards, eps=1e-4):
@@ -204,8 +181,6 @@ def update(model, optimizer, rollout, adv, old_logp, ref_logp, step, args):
 
 
 def check_args(args):
-    if args.task != "reverse" or args.binary:
-        tt.fail("--task must be reverse and --binary off: the (quality, brevity) reward is defined on reverse")
     tt.check_common_args(args, min_group=2)
     if args.epochs < 1:
         tt.fail(f"--epochs must be at least 1, got {args.epochs}")
@@ -217,47 +192,46 @@ def check_args(args):
         tt.fail(f"--m and --n_weights must be at least 1, got {args.m} and {args.n_weights}")
     need = tt.AnswerSetTask(m=args.m).tokens_needed()
     if args.max_new_tokens < need:
-        tt.fail(f"--max_new_tokens {args.max_new_tokens} cannot fit {args.m} answers of up to 6 characters, "
-                f"each closed by '|' or EOS; give at least {need}")
+        tt.fail(f"--max_new_tokens {args.max_new_tokens} cannot fit {args.m} answers; give {need}")
     if args.set_score not in ("vpo", "sum", "max"):
         tt.fail(f"--set_score {args.set_score!r} is unknown; choose vpo, sum or max")
     if not 0 <= args.w_gold <= 1:
         tt.fail(f"--w_gold must lie between 0 and 1, got {args.w_gold}")
-    if args.eval_answers < args.m or args.eval_answers % args.m:
-        tt.fail(f"--eval_answers must be a positive multiple of --m {args.m}, got {args.eval_answers}")
-    if not args.eval_temperature > 0:
-        tt.fail(f"--eval_temperature must be positive, got {args.eval_temperature}")
+    if args.eval_chains * args.m < 9:
+        tt.fail(f"--eval_chains {args.eval_chains} x --m {args.m} answers are too few for best@9: give 9")
 
 
 # EVALUATION: test-time search over a pool of answers (this file's own; tt.evaluate scores one answer).
 
 
 def best_at_k(values, k):
-    """Expected best of k answers drawn without replacement from a pool of S, computed exactly: the i-th
-    smallest value (i = 0..S-1) is the best of a random k-subset with probability C(i, k-1) / C(S, k).
-    The paper's random-permutation estimate, without its noise. values (P, S, ...) -> (P, ...)"""
+    """Expected best of k answers drawn without replacement from a pool of S, exactly (the paper's random-
+    permutation estimate without its noise): the i-th smallest value (i = 0..S-1) is the best of a random
+    k-subset with probability C(i, k-1) / C(S, k). values (P, S, ...) -> (P, ...)"""
     S = values.size(1)
     p = torch.tensor([math.comb(i, k - 1) / math.comb(S, k) for i in range(S)], device=values.device)
     return (values.sort(1).values * p.view(S, *[1] * (values.dim() - 2))).sum(1)
 
 
+def scored(R):
+    """Which answers earn something: the non-zero rows of reward matrices (..., m, k) -> (..., m)."""
+    return R.abs().sum(-1) > 0
+
+
 def set_diversity(R):
-    """Mean pairwise L1 distance between the reward vectors of a set's scored answers (non-zero rows),
-    averaged over sets; a set with fewer than two counts 0. R (N, m, k) deduplicated -> scalar"""
-    scored = R.abs().sum(-1) > 0  # (N, m)
+    """Mean pairwise L1 distance between the reward vectors of a set's scored answers, averaged over
+    sets; a set with fewer than two counts 0. R (N, m, k) deduplicated -> scalar"""
     dist = (R[:, :, None] - R[:, None, :]).abs().sum(-1)  # (N, m, m) L1 between answers a and b
-    pairs = scored[:, :, None] & scored[:, None, :] & torch.ones_like(dist[0], dtype=torch.bool).triu(1)
+    pairs = scored(R)[:, :, None] & scored(R)[:, None, :] & torch.ones_like(dist[0], dtype=torch.bool).triu(1)
     return ((dist * pairs).sum((1, 2)) / pairs.sum((1, 2)).clamp(min=1)).mean()
 
 
 @torch.no_grad()
 def evaluate(model, tok, task, device, args):
-    """Held-out test-time search: per test prompt, eval_answers / m completions sampled at temperature 0.7,
-    their answers pooled (k in best@k counts answers: one VPO completion weighs as much as m single-answer
-    ones; a copy counts here, blanks and cut-off answers score 0). Returns (test_acc = E_w best@3, exact,
-    the policy's entropy at temperature 1 along the samples, {metric: value})."""
-    chains = args.eval_answers // args.m
-    examples = [ex for ex in task.test for _ in range(chains)]
+    """Test-time search as the repo's maze runs it: per test prompt, eval_chains completions at temperature
+    0.7, answers pooled (copies count; blanks, cut-off answers score 0). Returns test_acc = E_w best@3,
+    exact = share of completions holding the reversal, entropy at temperature 1 along them, {metric: v}."""
+    examples = [ex for ex in task.test for _ in range(args.eval_chains)]
     texts, truncated, entropy, tokens = [], [], 0.0, 0
     model.eval()
     with torch.random.fork_rng():  # a fixed stream of its own: evaluating never shifts the training run
@@ -265,25 +239,27 @@ def evaluate(model, tok, task, device, args):
         rows = args.micro_batch * args.group_size  # the logits held at once, as in training (tt.evaluate)
         for part in tt.micro_batches(len(examples), rows * args.max_new_tokens):
             ids, mask = tt.encode(tok, [ex.prompt for ex in examples[part]], device)
-            rollout = tt.sample(model, tok, ids, mask, args.max_new_tokens, args.eval_temperature)
-            entropy = entropy + (tt.score(model, rollout, rows, temperature=1.0)[1] * rollout.completion_mask).sum()
+            rollout = tt.sample(model, tok, ids, mask, args.max_new_tokens, 0.7)  # the paper's temperature
+            entropy = entropy + (tt.score(model, rollout, rows, 1.0)[1] * rollout.completion_mask).sum()
             texts, truncated = texts + rollout.texts, truncated + rollout.truncated.tolist()
             tokens = tokens + rollout.completion_mask.sum()
     model.train()
     entropy = entropy / tokens.clamp(min=1)  # a token mean over every sampled answer
     done = list(zip(texts, examples, truncated))
     R = torch.tensor([task.reward_matrix(t, ex, cut, dedup=False) for t, ex, cut in done])  # (N, m, 2)
-    pool = R.view(len(task.test), args.eval_answers, 2)  # (P, S, 2) every answer to one prompt
-    w = dirichlet((100,), 2, torch.Generator().manual_seed(0))  # (100, 2) the same draws in every run
-    found = {f"best@{k}": best_at_k(pool @ w.T, k).mean() for k in (1, 3, 9)}  # mean over prompts and w
-    found |= {f"gold@{k}": best_at_k(pool @ torch.tensor([args.w_gold, 1 - args.w_gold]), k).mean() for k in (1, 3, 9)}
+    pool = R.view(len(task.test), args.eval_chains * args.m, 2)  # (P, S, 2) every answer to one prompt
+    # E_w on the midpoint grid w1 = (i + 1/2)/100 (Dirichlet(1, 1) is uniform in w1): exact to 1e-4, untilted
+    w1 = (torch.arange(100) + 0.5) / 100
+    gold, grid = torch.tensor([args.w_gold, 1 - args.w_gold]), torch.stack([w1, 1 - w1], 1)  # (2,), (100, 2)
+    found = {f"best@{k}": best_at_k(pool @ grid.T, k).mean() for k in (1, 3, 9)}  # mean over prompts and w
+    found |= {f"gold@{k}": best_at_k(pool @ gold, k).mean() for k in (1, 3, 9)}
     for w1 in (1.0, 0.75, 0.5, 0.25, 0.0):  # the weight panel, w = (w1, 1 - w1)
         found[f"best@3_w{w1:g}"] = best_at_k(pool @ torch.tensor([w1, 1 - w1]), 3).mean()
     found["diversity"] = set_diversity(torch.tensor([task.reward_matrix(t, ex, cut) for t, ex, cut in done]))
     parts = [tt.parse_answers(t, args.m, cut, dedup=False) for t, _, cut in done]
-    for a in range(args.m):  # each slot's mean answer length over n: VPO's ideal is about (1/n, 1/2, 1)
-        found[f"slot{a + 1}"] = sum(len(p[a]) / len(ex.answer) for p, (_, ex, _) in zip(parts, done)) / len(done)
-    exact = sum(a == ex.answer for p, (_, ex, _) in zip(parts, done) for a in p) / (len(done) * args.m)
+    lengths = torch.tensor([[len(a) / len(ex.answer) for a in p] for p, (_, ex, _) in zip(parts, done)])
+    found |= {f"slot{a + 1}": v for a, v in enumerate(lengths.mean(0))}  # each slot's mean answer length / n
+    exact = sum(ex.answer in p for p, (_, ex, _) in zip(parts, done)) / len(done)
     return found.pop("best@3"), exact, float(entropy), found
 
 
@@ -302,8 +278,8 @@ def main():
 
     for step in range(1, args.steps + 1):
         examples = task.sample(rng, args.prompts_per_step)
-        rollout, R = tt.rollout_groups(model, tok, task, examples, args.group_size, args, device)  # R (P, G, m, 2)
-        rewards = scores(R, args)  # (P, G) one score per completion, from its whole answer set
+        rollout, R = tt.rollout_groups(model, tok, task, examples, args.group_size, args, device)
+        rewards = completion_scores(R, args)  # R (P, G, m, 2) -> (P, G): one score per completion's set
         adv = group_advantages(rewards).view(-1)  # (N,) one advantage per completion, on all its tokens
         old_logp, _ = tt.score(model, rollout, mb_rows)  # (N, T) pi_old, frozen for every epoch
         ref_logp = tt.score(ref_model, rollout, mb_rows)[0] if args.beta > 0 else old_logp
@@ -312,7 +288,7 @@ def main():
         grad_norm = stats.pop("grad_norm")
         logger.step(step, reward=rewards.mean(), loss=loss, entropy=entropy, **stats,
                     grad_norm=grad_norm, len=rollout.lengths.mean(), gen_tokens=int(rollout.lengths.sum()),
-                    answers=(R.abs().sum(-1) > 0).sum(-1).float().mean(), diversity=set_diversity(R.flatten(0, 1)))
+                    answers=scored(R).sum(-1).float().mean(), diversity=set_diversity(R.flatten(0, 1)))
         if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
             test_acc, exact, test_entropy, found = evaluate(model, tok, task, device, args)
             logger.eval(step, test_acc, exact, entropy=test_entropy, **{k: found[k] for k in ON_EVAL_LINE})

@@ -402,11 +402,14 @@ SET_MARKER = "|"  # a prompt that starts with it asks for a set of answers: "|ca
 
 
 def quality_brevity(answer, target):
-    """The reward vector of one answer: (quality, brevity) = (char_accuracy, 1 - min(|answer|/n, 1)^2),
-    n = |target|. A correct prefix of j characters scores (x, 1 - x^2), x = j/n: a concave front, so
-    every weighting has its own best length (w = (a, 1 - a) wants x = a / (2 - 2a)): under (0.5, 0.5) the
-    half-length prefix (0.5, 0.75) scores 0.625, the full answer (1, 0) and one character 0.5 at n = 4."""
-    return [char_accuracy(answer, target), 1 - min(len(answer) / len(target), 1) ** 2]
+    """The reward vector of one answer: (quality, brevity) = (char_accuracy, 1 - (|answer|/n)^2 if the answer
+    is a prefix of the target, else 0), n = |target|. Brevity is paid only for what is right so far, as the
+    VPO paper's maze pays nothing to a route that misses the exit: a wrong "x" for "dbac" scores (0, 0), not
+    (0, 0.94). A correct prefix of j characters scores (x, 1 - x^2), x = j/n: a concave front, so every
+    weighting has its own best length (w = (a, 1 - a) wants x = a / (2 - 2a)): under (0.5, 0.5) the
+    half-length prefix (0.5, 0.75) scores 0.625, one character 0.594 and the full answer 0.5 at n = 4."""
+    brevity = 1 - (len(answer) / len(target)) ** 2 if target.startswith(answer) else 0.0
+    return [char_accuracy(answer, target), brevity]
 
 
 def parse_answers(text, m, truncated=False, dedup=True):
@@ -429,7 +432,7 @@ class AnswerSetTask(ReverseTask):
     of every batch each, the set format with the reversal written three times, so the same base serves
     every m: competent in both formats and collapsed in sets (three equal answers), as an LLM asked for
     several answers often repeats itself. 70 steps keep its plain-format greedy per-character accuracy
-    near ReverseTask's 40-step base (minimal_vpo.py's docstring has the numbers)."""
+    near ReverseTask's 40-step base."""
     warmup_steps = 70
     warmup_set_size = 3  # answers per set in the warm-up, whatever m the run trains with
 
@@ -980,6 +983,12 @@ def parse_args(cls, argv=None):
                                 help=docs.get(f.name, ""))
         else:
             parser.add_argument(f"--{f.name}", type=f.type, default=f.default, help=docs.get(f.name, ""))
+    known, unknown = parser.parse_known_args(argv)
+    for flag in unknown:  # a setting the file fixes as a class attribute (VPO's task): say so, in one sentence
+        name = flag.removeprefix("--").split("=")[0]
+        if flag.startswith("--") and hasattr(cls, name) and name not in {f.name for f in dataclasses.fields(cls)}:
+            fail(f"--{name} is not a flag of {os.path.basename(sys.argv[0])}, which fixes it at "
+                 f"{getattr(cls, name)!r} (its Args says why)")
     return cls(**vars(parser.parse_args(argv)))
 
 

@@ -385,11 +385,12 @@ ALL_SCRIPTS = sorted(p.name for p in Path(__file__).resolve().parents[1].glob("m
 # between 0.87 and 0.97 over seeds 0-2 with 1 or 2 CPU threads, so its floor is lower. OPD's default
 # (a near-perfect teacher scoring every token) ended at 0.976-0.986 over seeds 0-2 with 1 thread, so
 # its floor is the 0.95 its issue asks of it. minimal_vpo.py's test_acc is E_w best@3 of sampled
-# answers (its TEST_METRIC), not a per-character accuracy: its base scores 0.34, an ideal GRPO policy
-# (always the w_gold-best half-length answer) 0.621, and its default reached 0.676 (seed 0, one thread).
+# answers (its TEST_METRIC), not a per-character accuracy: with brevity paid only to correct prefixes and
+# the repository's 10-completion evaluation its base scores 0.30, an ideal GRPO policy (always the
+# w_gold-best answer) 0.621, and its default reached 0.630 (seed 0, one thread; 0.632 +- 0.011 over 0-2).
 # minimal_dpo.py learns from two of each group's eight samples with one step per batch: its 100-step
 # default was at 0.873, 0.904 and 0.877 over seeds 0-2 (one thread), so its floor is PG's.
-FLOOR = {"minimal_pg.py": 0.85, "minimal_opd.py": 0.95, "minimal_vpo.py": 0.64, "minimal_dpo.py": 0.85}
+FLOOR = {"minimal_pg.py": 0.85, "minimal_opd.py": 0.95, "minimal_vpo.py": 0.60, "minimal_dpo.py": 0.85}
 
 
 @pytest.mark.slow

@@ -43,17 +43,17 @@ def test_spike_penalty_hand_worked():
     assert ped.spike_penalty(gaps, mask, 1.0).item() == pytest.approx(0.452832, abs=1e-6)
     # beta = 5: (log(2 + e^5) - log 3) / 5 = (5.013386 - 1.098612) / 5 = 0.782955
     assert ped.spike_penalty(gaps, mask, 5.0).item() == pytest.approx(0.782955, abs=1e-6)
-    # G = exp(-0.5 * 0.782955) = 0.676057; lambda = 0 gives exactly 1
-    penalty = ped.spike_penalty(gaps, mask, 5.0)
-    assert ped.learnability(penalty, 0.5).item() == pytest.approx(0.676057, abs=1e-6)
-    assert ped.learnability(penalty, 0.0).item() == 1.0
+    # learnability exp(-0.5 * 0.782955) = 0.676057; lambda = 0 gives exactly 1
+    spike = ped.spike_penalty(gaps, mask, 5.0)
+    assert ped.learnability(spike, 0.5).item() == pytest.approx(0.676057, abs=1e-6)
+    assert ped.learnability(spike, 0.0).item() == 1.0
 
 
 def test_spike_penalty_limits_are_the_mean_and_the_max_gap():
     gaps, mask = torch.tensor([[0.0, 1.0, 0.0, 2.0]], dtype=torch.float64), torch.ones(1, 4, dtype=torch.float64)
     # beta -> 0: the mean gap, 3/4 (the first-order term of the soft max)
     assert ped.spike_penalty(gaps, mask, 1e-6).item() == pytest.approx(0.75, abs=1e-5)
-    # beta -> infinity: the largest gap, 2; at finite beta it sits within log(T)/beta below it
+    # beta -> infinity: the largest gap, 2; at finite beta it sits within log(n)/beta below it
     big = ped.spike_penalty(gaps, mask, 500.0).item()
     assert 2 - math.log(4) / 500 - 1e-9 <= big <= 2
     # and in between it rises with beta, from the mean towards the max
@@ -61,20 +61,20 @@ def test_spike_penalty_limits_are_the_mean_and_the_max_gap():
     assert values == sorted(values) and 0.75 < values[0] and values[-1] < 2
 
 
-def test_log_t_counts_only_real_tokens():
-    # two real tokens (EOS included) and one padded slot whose gap is garbage: P must be that of [0, 1]
-    # with T = 2, beta = 1: log(1 + e) - log 2 = 1.313262 - 0.693147 = 0.620115, whatever the padding holds
+def test_log_n_counts_only_real_tokens():
+    # two real tokens (EOS included) and one padded slot whose gap is garbage: spike must be that of [0, 1]
+    # with n = 2, beta = 1: log(1 + e) - log 2 = 1.313262 - 0.693147 = 0.620115, whatever the padding holds
     mask = torch.tensor([[1.0, 1.0, 0.0]])
     for pad in (0.0, 7.0, 100.0):
         p = ped.spike_penalty(torch.tensor([[0.0, 1.0, pad]]), mask, 1.0)
         assert p.item() == pytest.approx(0.620115, abs=1e-6)
-    # a completion with no gap at all costs nothing: P = (log T - log T) / beta = 0, G = 1
+    # a completion with no gap at all costs nothing: spike = (log n - log n) / beta = 0, learnability 1
     assert ped.spike_penalty(torch.zeros(1, 3), mask, 5.0).item() == pytest.approx(0.0, abs=1e-7)
 
 
 def test_teacher_reward_lambda_zero_ties_every_correct_answer():
-    # a group of 4: reversal, key, reversal, wrong. With lambda = 0.5 the reversal (G 0.9) beats the key
-    # (G 0.5): R * G = [0.9, 0.5, 0.9, 0]; with lambda = 0 every correct answer earns 1 and the teacher
+    # a group of 4: reversal, key, reversal, wrong. With lambda = 0.5 the reversal (learnability 0.9) beats
+    # the key (0.5): R' = [0.9, 0.5, 0.9, 0]; with lambda = 0 every correct answer earns 1 and the teacher
     # learns nothing about which one to write
     rewards = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
     adv = ped.group_advantages(rewards * torch.tensor([[0.9, 0.5, 0.9, 0.7]]))
@@ -84,6 +84,17 @@ def test_teacher_reward_lambda_zero_ties_every_correct_answer():
     # an all-correct group at lambda = 0 is flat: exactly zero advantage
     assert torch.equal(ped.group_advantages(torch.ones(1, 8) * ped.learnability(torch.rand(1, 8), 0.0)),
                        torch.zeros(1, 8))
+
+
+def test_a_float32_tie_gets_exactly_zero_where_the_sandbox_rule_does_not():
+    # eight 0.6s in float32: the mean is one rounding step off (6e-8) and so is the population std, which
+    # passes the sandbox's test std > 1e-8; (0.6 - mean) / (std + 1e-8) = 5.96e-8 / 6.96e-8 = +0.856 for
+    # all eight, a push towards a completion no better than its siblings. The file tests max == min: 0.
+    r = torch.full((1, 8), 0.6)
+    mean, std = r.mean(1, keepdim=True), r.std(1, unbiased=False, keepdim=True)
+    sandbox = torch.where(std > 1e-8, (r - mean) / (std + 1e-8), torch.zeros_like(r))
+    assert torch.allclose(sandbox, torch.full((1, 8), 0.856331), atol=1e-5)
+    assert torch.equal(ped.group_advantages(r), torch.zeros(1, 8))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,22 +144,22 @@ def test_learnability_pass_sees_no_context_and_builds_no_graph():
     examples = task.test[:4]
     ids, pmask = tt.encode(tok, [task.teacher_prompt(ex) for ex in examples], "cpu")
     torch.manual_seed(2)
-    rollout = tt.sample(teacher, tok, ids, pmask, 10, temperature=0.5)  # sampled at T = 0.5
+    rollout = tt.sample(teacher, tok, ids, pmask, 10, temperature=0.5)  # sampled at temperature 0.5
     view = tt.with_prompts(rollout, tok, [ex.prompt for ex in examples], "cpu")
     seen = [tok.decode(row, skip_special_tokens=True) for row in view.prompt_ids]
     assert seen == [ex.prompt for ex in examples] and not any("|" in s for s in seen)  # no context
     assert torch.equal(view.completion_ids, rollout.completion_ids)
     args = SimpleNamespace(spike_beta=5.0, lam=0.5, micro_batch=0, group_size=1)
-    gain, penalty = ped.learnability_pass(student, view, args)
-    assert not gain.requires_grad and not penalty.requires_grad and gain.grad_fn is None
+    learn, spike = ped.learnability_pass(student, view, args)
+    assert not learn.requires_grad and not spike.requires_grad and learn.grad_fn is None
     assert all(p.grad is None for p in student.parameters())
     # scored at temperature 1, not the teacher's 0.5: the same numbers as from untempered logits
     with torch.no_grad():
         logp_all = tt.completion_logits(student, view, 1.0).log_softmax(-1)
     expected = ped.spike_penalty(ped.surprise_gaps(logp_all, view.completion_ids), view.completion_mask, 5.0)
-    assert torch.allclose(penalty, expected, atol=1e-6)
+    assert torch.allclose(spike, expected, atol=1e-6)
     # and the context would have changed them: scoring the teacher's view gives other numbers
-    assert not torch.allclose(ped.learnability_pass(student, rollout, args)[1], penalty)
+    assert not torch.allclose(ped.learnability_pass(student, rollout, args)[1], spike)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,8 +235,8 @@ def test_teacher_update_equals_grpo_without_kl():
     GRPO's with beta = 0, value and gradient, clip fraction and ratio."""
     torch.manual_seed(0)
     rewards = (torch.rand(4, 8) > 0.5).float()
-    gain = ped.learnability(torch.rand(4, 8) * 3, 0.0)
-    assert torch.equal(ped.group_advantages(rewards * gain), grpo.group_advantages(rewards))
+    learn = ped.learnability(torch.rand(4, 8) * 3, 0.0)
+    assert torch.equal(ped.group_advantages(rewards * learn), grpo.group_advantages(rewards))
     old = -torch.rand(32, 6) * 2
     logp_a = (old + 0.3 * torch.randn(32, 6)).requires_grad_()
     logp_b = logp_a.detach().clone().requires_grad_()

@@ -69,13 +69,15 @@ def test_treerl_advantage_on_a_hand_built_tree():
 
 def test_tree_grpo_advantage_on_the_same_tree():
     adv = tree.tree_grpo_advantages(OWNER, REWARDS)[0]  # (M, K, T)
-    # within tree 0, [1, 0, 0.5]: mean 0.5, population std sqrt(1/6) = 0.4082483, so
-    #   z = [0.5, -0.5, 0] / 0.4083483 = [1.224445, -1.224445, 0]
-    # within tree 1, [0, 0, 1]: mean 1/3, std sqrt(2)/3 = 0.4714045: z = [-0.706957, -0.706957, 1.413914]
-    # across all six: mean 5/12, std sqrt(29)/12 = 0.4487637: z(1) = (7/12) / 0.4488637 = 1.299578,
-    #   z(0) = (-5/12) / 0.4488637 = -0.928270, z(0.5) = (1/12) / 0.4488637 = 0.185654
-    leaf = torch.tensor([[1.224445 + 1.299578, -1.224445 - 0.928270, 0.0 + 0.185654],
-                         [-0.706957 - 0.928270, -0.706957 - 0.928270, 1.413914 + 1.299578]])
+    # the authors' z-score: Bessel's std (divide by G - 1), eps 1e-6
+    # within tree 0, [1, 0, 0.5]: mean 0.5, std sqrt((0.25 + 0.25 + 0) / 2) = 0.5: z = [1, -1, 0] (x 0.999998)
+    #   (the population std, sqrt(1/6) = 0.4082483, would give 1.224745: sqrt(3/2) times larger at K = 3)
+    # within tree 1, [0, 0, 1]: mean 1/3, std sqrt((1/9 + 1/9 + 4/9) / 2) = sqrt(1/3) = 0.5773503:
+    #   z = [-1/3, -1/3, 2/3] / 0.5773503 = [-0.577350, -0.577350, 1.154701]
+    # across all six: mean 5/12, squared deviations 174/144, std sqrt(174/144/5) = 0.4915960:
+    #   z(1) = (7/12) / 0.4915960 = 1.186616, z(0) = -(5/12) / 0.4915960 = -0.847583, z(0.5) = 0.169517
+    leaf = torch.tensor([[0.999998 + 1.186616, -0.999998 - 0.847583, 0.0 + 0.169517],
+                         [-0.577350 - 0.847583, -0.577350 - 0.847583, 1.154701 + 1.186616]])
     # the leaf's advantage on every token of its path, shared or not; 0 on padding
     assert torch.allclose(adv, torch.where(OWNER[0] >= 0, leaf[..., None], 0.0), atol=1e-5)
 
@@ -91,8 +93,9 @@ def test_tied_leaves_give_exactly_zero():
 def test_a_tree_without_forks_is_the_parents_group():
     """--rounds 0: M chains, each a tree with one leaf. TreeRL's advantage is then 2 (r - mean(r)) on
     every token (the global and local terms coincide, L = 1): GRPO's z-score times 2 (std + eps), the
-    stated normalisation (TreeRL has no std). Tree-GRPO's is GRPO's exactly (a one-leaf tree has no
-    within-tree signal). The per-token surrogate then equals the parent's per-completion one."""
+    stated normalisation (TreeRL has no std). Tree-GRPO's authors' code scores a group of one by its
+    reward R (mean 0, std 1), so there it is R plus the Bessel z-score over the prompt's chains. The
+    per-token surrogate then equals the parent's per-completion one."""
     rewards = torch.tensor([[1.0, 0.2, 0.6, 0.0], [0.5, 0.5, 0.25, 1.0]])  # (P=2, G=4)
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0]] * 2).float()  # (8, 4)
     owner = torch.where(mask > 0, 0, -1).view(2, 4, 1, 4)  # (P, M=4, K=1, T)
@@ -101,12 +104,16 @@ def test_a_tree_without_forks_is_the_parents_group():
     treerl = tree.treerl_advantages(owner, rewards.view(2, 4, 1)).view(8, 4)
     assert torch.allclose(treerl, ((chain * scale).view(8, 1) * mask), atol=1e-6)
     tree_grpo = tree.tree_grpo_advantages(owner, rewards.view(2, 4, 1)).view(8, 4)
-    assert torch.equal(tree_grpo, chain.view(8, 1) * mask)
+    # prompt 0, [1, .2, .6, 0]: mean .45, std sqrt(.59 / 3) = .4434712, z = [1.240214, -.563734, .338240,
+    #   -1.014721]; prompt 1, [.5, .5, .25, 1]: mean .5625, std sqrt(.296875 / 3) = .3145764,
+    #   z = [-.198680, -.198680, -.993399, 1.390759]; each leaf adds its own reward (x 0.999999)
+    z = torch.tensor([[1.240214, -0.563734, 0.338240, -1.014721], [-0.198680, -0.198680, -0.993399, 1.390759]])
+    assert torch.allclose(tree_grpo, (rewards + z).view(8, 1) * mask, atol=2e-6)
     torch.manual_seed(0)
     old = torch.randn(8, 4)
     logp = old + 0.3 * torch.randn(8, 4)  # ratios on both sides of the clip band
-    loss_tree, stats_tree = tree.policy_loss(logp, old, old, tree_grpo, mask, 0.2, 0.04, 8)
-    loss_chain, stats_chain = grpo.policy_loss(logp, old, old, chain.view(-1), mask, 0.2, 0.04, 8)
+    loss_tree, stats_tree = tree.policy_loss(logp, old, old, treerl, mask, 0.2, 0.04, 8)
+    loss_chain, stats_chain = grpo.policy_loss(logp, old, old, (chain * scale).view(-1), mask, 0.2, 0.04, 8)
     assert loss_tree.item() == pytest.approx(loss_chain.item(), rel=1e-6)
     assert all(stats_tree[k].item() == pytest.approx(stats_chain[k].item()) for k in stats_chain)
 
@@ -128,11 +135,16 @@ def test_per_token_clip_frac_counts_what_trl_and_verl_count():
 
 def test_pick_forks_ranks_own_tokens_by_surprisal():
     # one tree, leaves as in tree 0 above. Leaf 1's tokens 0-1 belong to leaf 0 (never candidates
-    # twice); padding (leaf 2, t = 3) never, whatever its score.
+    # twice); padding (leaf 2, t = 3) never, whatever its score; and, as EPTree, never a branch's first
+    # token after a non-empty prefix (leaves 1 and 2 at t = 2: they re-sampled it from y[:2]).
     owner = OWNER[0, :1]  # (Tr=1, K=3, T=4)
-    surprisal = torch.tensor([[[0.1, 0.9, 0.2, 0.3], [5.0, 5.0, 0.4, 0.8], [5.0, 5.0, 0.7, 9.0]]])
+    surprisal = torch.tensor([[[0.1, 0.9, 0.2, 0.3], [5.0, 5.0, 7.0, 0.8], [5.0, 5.0, 0.7, 9.0]]])
     leaf, t = tree.pick_forks(surprisal, owner, 3)
-    assert list(zip(leaf[0].tolist(), t[0].tolist())) == [(0, 1), (1, 3), (2, 2)]  # 0.9, 0.8, 0.7
+    assert list(zip(leaf[0].tolist(), t[0].tolist())) == [(0, 1), (1, 3), (0, 3)]  # 0.9, 0.8, 0.3
+    # branches that forked at t = 0 (tree 1 above) have an empty prefix: their first token is a candidate
+    surprisal = torch.tensor([[[0.1, 0.2, 0.3, 0.0], [0.9, 0.4, 0.0, 0.0], [0.5, 0.6, 0.7, 0.8]]])
+    leaf, t = tree.pick_forks(surprisal, OWNER[0, 1:], 2)
+    assert list(zip(leaf[0].tolist(), t[0].tolist())) == [(1, 0), (2, 3)]  # 0.9, 0.8
     # a one-token root (immediate EOS) has one candidate: asked for two forks, it forks there twice
     leaf, t = tree.pick_forks(torch.tensor([[[2.0, 0.0]]]), torch.tensor([[[0, -1]]]), 2)
     assert leaf.tolist() == [[0, 0]] and t.tolist() == [[0, 0]]
@@ -171,9 +183,18 @@ def grown(monkeypatch=None, rounds=2, warmup=0, seed=0, prompts=6):
                            micro_batch=0)
     examples = task.test[:prompts]
     ids, mask = tt.encode(tok, [ex.prompt for ex in examples], "cpu")
-    rollout, owner, gen_tokens, stats = tree.grow_trees(model, tok, ids, mask, args)
+    picks = []
+    if monkeypatch is not None:
+        real_pick = tree.pick_forks
+
+        def spy_pick(surprisal, owner, n):
+            leaf, t = real_pick(surprisal, owner, n)
+            picks.append((owner.clone(), leaf, t))
+            return leaf, t
+        monkeypatch.setattr(tree, "pick_forks", spy_pick)
+    rollout, owner, gen_tokens = tree.grow_trees(model, tok, ids, mask, args)
     return SimpleNamespace(tok=tok, model=model, examples=examples, ids=ids, mask=mask, rollout=rollout,
-                           owner=owner, gen_tokens=gen_tokens, stats=stats, calls=calls, args=args)
+                           owner=owner, gen_tokens=gen_tokens, calls=calls, picks=picks, args=args)
 
 
 def fork_points(owner):
@@ -183,8 +204,14 @@ def fork_points(owner):
     return [(i, j, int(own[i, j].nonzero()[0])) for i in range(tr) for j in range(1, k)]
 
 
-def test_grown_trees_fork_only_before_eos_and_never_at_padding():
-    g = grown()
+def test_grown_trees_fork_only_before_eos_and_never_at_padding(monkeypatch):
+    g = grown(monkeypatch)
+    # round 2 forks the branches of round 1, never at the token a branch began with after a non-empty
+    # prefix (EPTree's rule): the leaf that sampled y[t] also sampled y[t - 1]
+    for owner, leaf, t in g.picks:
+        own = owner.gather(1, leaf[..., None].expand(-1, -1, owner.size(2)))  # (Tr, N, W) the picked leaves
+        before = own.gather(2, (t - 1).clamp(min=0)[..., None]).squeeze(-1)  # (Tr, N) owner of y[t - 1]
+        assert ((t == 0) | (before == leaf)).all()
     eos = g.tok.eos_token_id
     rows = g.rollout.completion_ids.view(*g.owner.shape)
     assert g.owner.shape[1] == 1 + 2 * 2 * 2  # K = 1 + L * N * T leaves per tree
@@ -254,7 +281,6 @@ def test_gen_tokens_counts_only_sampled_tokens(monkeypatch):
     assert int(g.gen_tokens.sum()) == sampled
     assert g.gen_tokens.shape == (len(g.examples) * 3,)  # per tree
     assert sampled < int(g.rollout.lengths.sum())  # the rows repeat shared prefixes; those are free
-    assert 0 <= g.stats["fork_pos"] < 1 and 0 <= g.stats["branch_differs"] <= 1
 
 
 def test_first_error():
@@ -289,7 +315,7 @@ def test_two_steps_end_to_end(run_fast, extra, tmp_path):
     assert p.returncode == 0, p.stderr
     lines = p.stdout.strip().splitlines()
     keys = [kv.split("=")[0] for kv in lines[1].split()]
-    assert keys == SHARED_KEYS + ["len_wrong", "leaves", "fork_pos", "branch_differs", "dead_groups"]
+    assert keys == SHARED_KEYS + ["len_wrong", "leaves", "dead_groups"]
     assert lines[-1].startswith("final test_acc=") and " time_s=" in lines[-1]
     records = [json.loads(x) for x in log.read_text().splitlines()]
     assert [r["kind"] for r in records] == ["eval", "step", "step", "eval", "final"]

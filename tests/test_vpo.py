@@ -1,6 +1,7 @@
 """Tests of minimal_vpo.py and its answer-set task in toy_tasks.py: the reward vector, parsing, the set
 scores against hand-worked numbers, the shared weight draws, the limits where VPO must equal GRPO,
 best@k counting, the evaluation's bookkeeping, bad flags, and the file run end to end."""
+import dataclasses
 import itertools
 import random
 import sys
@@ -30,8 +31,11 @@ def test_quality_brevity_front():
     assert tt.quality_brevity("d", "dbac") == [0.25, 1 - 1 / 16]  # (0.25, 0.9375)
     assert tt.quality_brevity("db", "dbac") == [0.5, 0.75]  # the w_gold optimum: 0.5*0.5 + 0.5*0.75 = 0.625
     assert tt.quality_brevity("dbac", "dbac") == [1.0, 0.0]  # full quality, no brevity left
-    assert tt.quality_brevity("dbaca", "dbac") == [0.8, 0.0]  # too long: 4/5 credit, brevity clipped at 0
-    assert tt.quality_brevity("xb", "dbac") == [0.25, 0.75]  # a wrong character costs quality only
+    # brevity is paid only for a correct prefix: anything else keeps its per-character credit, brevity 0
+    assert tt.quality_brevity("dbaca", "dbac") == [0.8, 0.0]  # too long: 4/5 credit
+    assert tt.quality_brevity("xb", "dbac") == [0.25, 0.0]  # one wrong character: no brevity (was 0.75)
+    assert tt.quality_brevity("x", "dbac") == [0.0, 0.0]  # short garbage earns nothing (was 0.9375)
+    assert tt.quality_brevity("dbxc", "dbac") == [0.75, 0.0]
     gold = lambda r: 0.5 * r[0] + 0.5 * r[1]
     lengths = {j: gold(tt.quality_brevity("dbac"[:j], "dbac")) for j in range(1, 5)}
     assert lengths == pytest.approx({1: 0.59375, 2: 0.625, 3: 0.59375, 4: 0.5})  # a unique optimum, j = n/2
@@ -78,6 +82,27 @@ def test_prompts_budget_and_the_shared_warmup():
 # The set scores and the advantage.
 
 
+def test_set_score_of_whole_answer_sets_hand_worked():
+    # E_w max over w = (a, 1 - a), a ~ U(0, 1), for sets of answers to "dbac": w . (1, 0) = a,
+    # w . (.5, .75) = .75 - .25a, w . (.25, .9375) = .9375 - .6875a.
+    #   "db|dbac": db wins below a = .6: int_0^.6 (.75 - .25a) + int_.6^1 a = .405 + .32 = .725
+    #   "d|db|dbac": d wins below a = 3/7, then db up to .6, then dbac:
+    #       (.9375 (3/7) - .34375 (3/7)^2) + (.75 (.6 - 3/7) - .125 (.36 - 9/49)) + .32 = .765179
+    #   "x|db|dbac": x earns nothing (it is not a prefix of dbac), so .725, as "db|dbac"
+    task = tt.AnswerSetTask(m=3)
+    ex = tt.Example("|cabd=", "dbac", "dbac")
+    a = (torch.arange(200_000) + 0.5) / 200_000
+    w = torch.stack([a, 1 - a], 1)[None]  # (1, N, 2) a fine grid: E_w to 1e-9
+    R = task.rewards(["d|db|dbac", "x|db|dbac", "db|dbac"], [ex] * 3)[None]  # (1, 3, 3, 2)
+    expected = [0.9375 * 3 / 7 - 0.34375 * 9 / 49 + 0.75 * (0.6 - 3 / 7) - 0.125 * (0.36 - 9 / 49) + 0.32, .725, .725]
+    assert vpo.vpo_scores(R.double(), w.double())[0].tolist() == pytest.approx(expected, abs=1e-6)
+    # and what training uses, Dirichlet(1, 1) draws shared by the group: the mean of the max, to sampling
+    # error (the max of the mean would give max(.594, .625, .5) = .625 for the first set)
+    torch.manual_seed(0)
+    s = vpo.completion_scores(R, SimpleNamespace(set_score="vpo", n_weights=20_000, w_gold=0.5))
+    assert s[0].tolist() == pytest.approx(expected, abs=0.005)
+
+
 def test_set_score_hand_worked():
     # one group, two completions of m = 2 answers, two weight draws w1 = (1, 0), w2 = (0.25, 0.75)
     # completion A: rows (1, 0) and (0.5, 0.75). Under w1: max(1, 0.5) = 1; under w2: max(0.25, 0.6875)
@@ -86,26 +111,23 @@ def test_set_score_hand_worked():
     # (the mean over draws of the max, not the max of the mean: for A, max(mean) = max(0.625, 0.71875))
     R = torch.tensor([[[[1.0, 0.0], [0.5, 0.75]], [[0.5, 0.75], [0.0, 0.0]]]])  # (P=1, G=2, m=2, k=2)
     w = torch.tensor([[[1.0, 0.0], [0.25, 0.75]]])  # (P=1, N=2, k=2)
-    assert torch.allclose(vpo.set_scores(R, w), torch.tensor([[0.84375, 0.59375]]))
+    assert torch.allclose(vpo.vpo_scores(R, w), torch.tensor([[0.84375, 0.59375]]))
 
 
 def test_baseline_scores_hand_worked():
     # w_gold = (0.5, 0.5): rows of A score 0.5 and 0.625, of B 0.625 and 0
     R = torch.tensor([[[[1.0, 0.0], [0.5, 0.75]], [[0.5, 0.75], [0.0, 0.0]]]])
-    assert torch.allclose(vpo.scalar_scores(R, [0.5, 0.5], "max"), torch.tensor([[0.625, 0.625]]))
-    assert torch.allclose(vpo.scalar_scores(R, [0.5, 0.5], "sum"), torch.tensor([[1.125, 0.625]]))
+    assert torch.allclose(vpo.gold_scores(R, [0.5, 0.5], "max"), torch.tensor([[0.625, 0.625]]))
+    assert torch.allclose(vpo.gold_scores(R, [0.5, 0.5], "sum"), torch.tensor([[1.125, 0.625]]))
 
 
 def test_weight_draws_are_shared_within_a_group_and_differ_across_groups():
     torch.manual_seed(0)
     R = torch.rand(1, 1, 3, 2).expand(2, 4, 3, 2)  # 2 groups x 4 completions, all with the same matrix
     args = SimpleNamespace(set_score="vpo", n_weights=5, w_gold=0.5)
-    s = vpo.scores(R, args)  # (2, 4)
+    s = vpo.completion_scores(R, args)  # (2, 4)
     assert torch.equal(s[0], s[0, :1].expand(4)) and torch.equal(s[1], s[1, :1].expand(4))  # same w in a group
     assert s[0, 0] != s[1, 0]  # other draws in the other group
-    w = vpo.dirichlet((1000,), 3)
-    assert torch.allclose(w.sum(-1), torch.ones(1000)) and (w > 0).all()
-    assert w.mean(0) == pytest.approx([1 / 3] * 3, abs=0.03)  # Dirichlet(1, 1, 1) has mean 1/3 each
 
 
 def test_flat_groups_have_exactly_zero_advantage():
@@ -113,7 +135,7 @@ def test_flat_groups_have_exactly_zero_advantage():
     base = torch.tensor([[0.6, 0.3], [1 / 3, 0.7], [0.0, 0.0]])
     group = torch.stack([base, base[[1, 0, 2]], base[[2, 1, 0]], base[[0, 2, 1]]])[None]  # (1, 4, 3, 2)
     for how in ("vpo", "sum", "max"):
-        s = vpo.scores(group, SimpleNamespace(set_score=how, n_weights=100, w_gold=0.3))
+        s = vpo.completion_scores(group, SimpleNamespace(set_score=how, n_weights=100, w_gold=0.3))
         assert torch.equal(vpo.group_advantages(s), torch.zeros(1, 4)), how
 
 
@@ -121,8 +143,27 @@ def test_m1_vpo_scores_the_mean_objective():
     # with m = 1 and alpha = 1, E_w[w . r] = mean(r), since E[w] = (1/k, ..., 1/k)
     torch.manual_seed(0)
     r = torch.tensor([[[[0.8, 0.2]], [[0.5, 0.75]], [[1.0, 0.0]]]])  # (1, 3, 1, 2)
-    s = vpo.set_scores(r, vpo.dirichlet((1, 200_000), 2))
+    s = vpo.vpo_scores(r, torch.distributions.Dirichlet(torch.ones(2)).sample((1, 200_000)))
     assert torch.allclose(s, torch.tensor([[0.5, 0.625, 0.5]]), atol=3e-3)
+
+
+def test_m1_scores_are_grpo_on_one_weighting_per_group():
+    """--m 1: the set score is w . r under the mean of the group's draws. With 100 draws (the repo's
+    vpo_single) that mean is w_gold = (.5, .5) give or take sd sqrt(1/12)/10 = 0.029, GRPO on w_gold by
+    construction; with --n_weights 1, one w per prompt: random-weight GRPO (the paper's augment.py)."""
+    torch.manual_seed(0)
+    R = torch.rand(4, 8, 1, 2)  # (P, G, m = 1, k)
+    w = torch.distributions.Dirichlet(torch.ones(2)).sample((4, 100))  # (P, N, k)
+    assert torch.allclose(vpo.vpo_scores(R, w), (R[:, :, 0] * w.mean(1)[:, None]).sum(-1), atol=1e-6)
+    assert torch.allclose(vpo.vpo_scores(R, w[:, :1]), (R[:, :, 0] * w[:, :1]).sum(-1))  # one draw per group
+    means = torch.distributions.Dirichlet(torch.ones(2)).sample((2000, 100)).mean(1)[:, 0]  # (2000,)
+    assert means.std().item() == pytest.approx((1 / 12) ** 0.5 / 10, rel=0.1)  # 0.029
+    torch.manual_seed(1)
+    one = vpo.completion_scores(R, SimpleNamespace(set_score="vpo", n_weights=1, w_gold=0.5))
+    r0, r1 = R[:, :, 0, 0], R[:, :, 0, 1]
+    w1 = (one[:, 0] - r1[:, 0]) / (r0[:, 0] - r1[:, 0])  # (P,) each group's weight, from its first completion
+    assert torch.allclose(one, w1[:, None] * r0 + (1 - w1[:, None]) * r1, atol=1e-5)  # one w per group
+    assert ((w1 > 0) & (w1 < 1)).all() and w1.std() > 0.05  # a random weighting, a different one per group
 
 
 def test_m1_gold_scores_give_grpo_advantages():
@@ -131,7 +172,7 @@ def test_m1_gold_scores_give_grpo_advantages():
     R = torch.rand(4, 8, 1, 2)
     gold = 0.3 * R[..., 0, 0] + 0.7 * R[..., 0, 1]  # (4, 8) w_gold . r
     for how in ("sum", "max"):
-        s = vpo.scores(R, SimpleNamespace(set_score=how, n_weights=100, w_gold=0.3))
+        s = vpo.completion_scores(R, SimpleNamespace(set_score=how, n_weights=100, w_gold=0.3))
         assert torch.allclose(vpo.group_advantages(s), grpo.group_advantages(gold), atol=1e-5)
 
 
@@ -179,7 +220,7 @@ def stub_scorer(model, rollout, rows=0, temperature=None):
 
 
 def test_evaluate_counts_answers_not_completions(monkeypatch):
-    # one test prompt "|cabd=" (n = 4), m = 3: 9 answers = 3 completions.
+    # one test prompt "|cabd=" (n = 4), m = 3, --eval_chains 3: 9 answers from 3 completions.
     task = tt.AnswerSetTask(m=3)
     task.test = [tt.Example("|cabd=", "dbac", "dbac")]
     tok = tt.build_char_tokenizer(task.alphabet)
@@ -187,8 +228,7 @@ def test_evaluate_counts_answers_not_completions(monkeypatch):
     monkeypatch.setattr(tt, "sample", stub_sampler(texts, [False, False, True]))
     monkeypatch.setattr(tt, "score", stub_scorer)
     model = SimpleNamespace(eval=lambda: None, train=lambda: None)
-    args = SimpleNamespace(m=3, eval_answers=9, max_new_tokens=24, eval_temperature=0.7, w_gold=0.5,
-                           micro_batch=0, group_size=3)
+    args = SimpleNamespace(m=3, eval_chains=3, max_new_tokens=24, w_gold=0.5, micro_batch=0, group_size=3)
     test_acc, exact, entropy, found = vpo.evaluate(model, tok, task, "cpu", args)
     assert entropy == pytest.approx(0.5)
     # pool of 9 answers, gold scores: dbac .5, db .625, d .59375 | db .625 x3 (copies count here) |
@@ -198,9 +238,14 @@ def test_evaluate_counts_answers_not_completions(monkeypatch):
     assert found["gold@9"] == pytest.approx(0.625)
     assert found["gold@3"] == pytest.approx(vpo.best_at_k(gold, 3).item())
     assert found["best@3_w1"] == pytest.approx(vpo.best_at_k(torch.tensor([[1, .5, .25, .5, .5, .5, 1, 0, 0]]), 3).item())
-    assert exact == pytest.approx(2 / 9)  # two full reversals among nine answers
+    assert exact == pytest.approx(2 / 3)  # two of the three completions hold the full reversal
     # slot lengths over n: slot 1 (4 + 2 + 4) / 3 / 4, slot 2 (2 + 2 + 0) / 3 / 4, slot 3 (1 + 2 + 0) / 3 / 4
     assert [found[f"slot{a}"] for a in (1, 2, 3)] == pytest.approx([10 / 12, 4 / 12, 3 / 12])
+    # test_acc: E_w best@3 of the pool, exact over w = (a, 1 - a), a ~ U(0, 1), to 1e-4 on the grid
+    fine = (torch.arange(100_000) + 0.5) / 100_000
+    answers = torch.tensor([[1, 0], [.5, .75], [.25, .9375], [.5, .75], [.5, .75], [.5, .75], [1, 0], [0, 0], [0, 0]])
+    exact_ew = vpo.best_at_k(answers[None] @ torch.stack([fine, 1 - fine]), 3).mean().item()
+    assert test_acc == pytest.approx(exact_ew, abs=1e-4)
     # diversity over the deduplicated sets: set 1 has 3 distinct answers (pairs: dbac-db 1.25, dbac-d
     # 0.75 + 0.9375 = 1.6875, db-d 0.25 + 0.1875 = 0.4375 -> 1.125); set 2 one answer, set 3 one -> 0
     assert found["diversity"] == pytest.approx(1.125 / 3)
@@ -208,10 +253,9 @@ def test_evaluate_counts_answers_not_completions(monkeypatch):
     task1 = tt.AnswerSetTask(m=1)
     task1.test = [tt.Example("cabd=", "dbac", "dbac")]
     monkeypatch.setattr(tt, "sample", stub_sampler(["db"] * 9, [False] * 9))
-    args1 = SimpleNamespace(m=1, eval_answers=9, max_new_tokens=24, eval_temperature=0.7, w_gold=0.5,
-                           micro_batch=0, group_size=3)
+    args1 = SimpleNamespace(m=1, eval_chains=9, max_new_tokens=24, w_gold=0.5, micro_batch=0, group_size=3)
     test_acc, exact, _, found = vpo.evaluate(model, tok, task1, "cpu", args1)
-    assert test_acc == pytest.approx(0.625, abs=0.02)  # E_w over 100 draws of w . (0.5, 0.75), about 0.625
+    assert test_acc == pytest.approx(0.625, abs=1e-6)  # E_w of w . (0.5, 0.75) = 0.625: w is untilted
     assert found["gold@9"] == pytest.approx(0.625) and found["diversity"] == 0 and exact == 0
 
 
@@ -220,7 +264,7 @@ def test_evaluate_counts_answers_not_completions(monkeypatch):
 
 
 @pytest.mark.parametrize("extra", [[], ["--set_score", "sum"], ["--set_score", "max"],
-                                   ["--m", "1", "--set_score", "max"], ["--m", "1"]])
+                                   ["--m", "1", "--set_score", "max"], ["--m", "1"], ["--m", "1", "--n_weights", "1"]])
 def test_two_steps_end_to_end(run_fast, extra, tmp_path):
     p = run_fast("minimal_vpo.py", *FAST, *extra)
     assert p.returncode == 0, p.stderr
@@ -279,10 +323,7 @@ def test_evaluating_does_not_change_the_training_run(run_fast):
     (["--set_score", "mean"], "--set_score"),
     (["--n_weights", "0"], "--n_weights"),
     (["--w_gold", "1.5"], "--w_gold"),
-    (["--eval_answers", "4"], "--eval_answers"),  # not a multiple of m = 3
-    (["--eval_temperature", "0"], "--eval_temperature"),
-    (["--task", "add"], "--task"),
-    (["--binary"], "--binary"),
+    (["--eval_chains", "2"], "--eval_chains"),  # 6 answers: too few for best@9
     (["--beta", "-1"], "--beta"),
 ])
 def test_bad_flags_fail_cleanly(run_fast, args, flag):
@@ -293,5 +334,7 @@ def test_bad_flags_fail_cleanly(run_fast, args, flag):
     assert "Traceback" not in p.stderr and p.stdout == ""
 
 
-def test_test_metric_is_declared():
+def test_test_metric_is_declared_and_task_is_not_a_flag():
     assert "best@3" in vpo.TEST_METRIC
+    assert not {"task", "binary"} & {f.name for f in dataclasses.fields(vpo.Args)}  # no flag only to refuse
+    assert (vpo.Args().task, vpo.Args().binary) == ("reverse", False)  # what tt.setup and the checks read
