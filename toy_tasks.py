@@ -754,8 +754,9 @@ def completion_logits(model, rollout, temperature):
     ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], 1)
     mask = torch.cat([rollout.prompt_mask, rollout.completion_mask.long()], 1)
     positions = (mask.cumsum(1) - 1).clamp(min=0)
-    logits = forward(model, ids, mask, positions, keep=rollout.completion_ids.size(1) + 1).logits
-    return logits[:, :-1].float() / temperature  # (N, T, V): position t predicts completion token t
+    T = rollout.completion_ids.size(1)
+    logits = forward(model, ids, mask, positions, keep=T + 1).logits
+    return logits[:, -T - 1:-1].float() / temperature  # (N, T, V): position t predicts completion token t
 
 
 def token_logprobs(model, rollout, temperature=None):
@@ -831,17 +832,22 @@ def micro_batches(n, rows):
 
 
 @functools.lru_cache
-def keeps_logits(model_class):
-    """Whether a model class takes `logits_to_keep` (transformers >= 4.50 causal LMs do)."""
-    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+def keeps_logits(model):
+    """Whether asking for fewer positions' logits saves memory: the model takes `logits_to_keep`
+    (transformers >= 4.50 causal LMs do) and its vocabulary is wider than its hidden states. The tiny
+    default's logits (7 tokens) are smaller than the 64-wide hidden states the pass holds anyway, so it
+    keeps them all, and its runs print what they printed before this existed (dropping rows from the
+    output layer reorders the float sums of its weight gradient, and sampled runs drift apart)."""
+    wide = model.config.vocab_size > model.config.hidden_size
+    return wide and "logits_to_keep" in inspect.signature(type(model).forward).parameters
 
 
 def forward(model, ids, mask, positions, keep=0, **kw):
-    """One call of the model. keep > 0 asks for the last `keep` positions' logits only (where the model
-    takes `logits_to_keep`; otherwise it returns them all and the caller slices). The call runs under
-    bfloat16 autocast when the policy was loaded for it (`model.autocast_dtype`, see `autocast_dtype`):
-    weights, gradients and optimizer state stay float32."""
-    if keep and keeps_logits(type(model)):
+    """One call of the model. keep > 0 asks for the last `keep` positions' logits only where that saves
+    memory (`keeps_logits`; otherwise the model returns them all and the caller slices). The call runs
+    under bfloat16 autocast when the policy was loaded for it (`model.autocast_dtype`, see
+    `autocast_dtype`): weights, gradients and optimizer state stay float32."""
+    if keep and keeps_logits(model):
         kw["logits_to_keep"] = keep
     dtype = getattr(model, "autocast_dtype", None)
     with torch.autocast(ids.device.type, dtype=dtype) if dtype else contextlib.nullcontext():

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 import microbatch as mbt
 import minimal_dapo as dapo
@@ -68,11 +69,8 @@ def test_entropy_in_chunks_equals_the_direct_sum():
     assert torch.equal(tt.entropy_from_logprobs(logp_all, positions=4), direct)
 
 
-def test_log_probs_ask_for_completion_positions_only():
-    # the forward pass is asked for T + 1 positions (logits_to_keep), the prefill of the sampler for 1,
-    # and the log-probs equal those sliced from every position's logits
-    task, tok, model = mbt.tiny_policy()
-    rollout, _ = mbt.ragged_rollout(tok, task, P, G)
+def spy_on_forward(model):
+    """Record the `logits_to_keep` of every call of model (0: not asked); returns the list and the real forward."""
     seen, forward = [], model.forward
 
     def spy(*a, **k):
@@ -80,16 +78,47 @@ def test_log_probs_ask_for_completion_positions_only():
         return forward(*a, **k)
 
     model.forward = spy
+    return seen, forward
+
+
+def full_logits(forward, rollout):
+    ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], 1)
+    mask = torch.cat([rollout.prompt_mask, rollout.completion_mask.long()], 1)
+    return forward(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
+
+
+def test_log_probs_ask_for_completion_positions_only_where_the_vocabulary_is_wide():
+    # a vocabulary wider than the hidden states (every real model): the forward pass is asked for T + 1
+    # positions (logits_to_keep), the prefill of the sampler for 1, and the log-probs equal those sliced
+    # from every position's logits
+    task, tok, _ = mbt.tiny_policy(warmup=0)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=128, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    rollout, _ = mbt.ragged_rollout(tok, task, P, G)
+    seen, forward = spy_on_forward(model)
     with torch.no_grad():
         lean = tt.completion_logits(model, rollout, 1.0)
         assert seen == [rollout.completion_ids.size(1) + 1]
-        ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], 1)
-        mask = torch.cat([rollout.prompt_mask, rollout.completion_mask.long()], 1)
-        full = forward(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
+        full = full_logits(forward, rollout)
         assert torch.allclose(lean, full[:, rollout.prompt_ids.size(1) - 1:-1], atol=1e-6)
         seen.clear()
         tt.sample(model, tok, rollout.prompt_ids, rollout.prompt_mask, 3)
         assert seen[0] == 1  # the prefill keeps the last position only
+
+
+def test_the_tiny_default_keeps_every_logit_and_slices_the_same_positions():
+    # 7 tokens of vocabulary against 64-wide hidden states: trimming saves nothing and would reorder the
+    # output layer's gradient sums, so the default runs ask for every position and slice
+    task, tok, model = mbt.tiny_policy()
+    rollout, _ = mbt.ragged_rollout(tok, task, P, G)
+    seen, forward = spy_on_forward(model)
+    with torch.no_grad():
+        lean = tt.completion_logits(model, rollout, 1.0)
+        assert seen == [0]
+        assert torch.equal(lean, full_logits(forward, rollout)[:, rollout.prompt_ids.size(1) - 1:-1])
 
 
 def test_evaluation_in_chunks_gives_the_same_numbers():

@@ -14,6 +14,7 @@ import torch
 import microbatch as mbt
 import minimal_dapo as dapo
 import minimal_dg as dg
+import minimal_dpo as dpo
 import minimal_drgrpo as drgrpo
 import minimal_grpo as grpo
 import minimal_opd as opd
@@ -152,7 +153,8 @@ def test_tree_per_token_advantages_are_not_averaged_over_the_row():
 # weight, through every file's loss that carries it.
 
 ALL = {"pg": pg, "grpo": grpo, "drgrpo": drgrpo, "dapo": dapo, "tpo": tpo, "dg": dg, "opd": opd, "vpo": vpo,
-       "tree_grpo": tree, "pedagogical": ped}
+       "tree_grpo": tree, "ppo": ppo, "dpo": dpo}  # pedagogical computes its k3 inline (the shared clip check
+# reads its logged kl), SFT logs the drift to the policy before the step
 
 
 @pytest.mark.parametrize("name", list(ALL))
@@ -329,7 +331,7 @@ def test_grpo_family_trains_against_frozen_pi_old_and_the_frozen_base(monkeypatc
     spy.sampler(tt, "rollout_groups")
     spy.record(module, "update")
     if name == "vpo":
-        spy.record(vpo, "scores")  # the set scores use fresh Dirichlet draws: read the ones the run drew
+        spy.record(vpo, "completion_scores")  # the set scores use fresh Dirichlet draws: read the ones the run drew
     p = run_fast(f"minimal_{name}.py", *FAST, "--epochs", 2, "--temperature", 0.7)
     assert p.returncode == 0, p.stderr
     assert len(spy.samples) == 2
@@ -341,7 +343,7 @@ def test_grpo_family_trains_against_frozen_pi_old_and_the_frozen_base(monkeypatc
         assert model is spy.live and rollout is sampled["out"][0]
         assert torch.allclose(old_logp, score(sampled["before"], rollout), atol=1e-6)  # the policy that sampled
         assert torch.allclose(ref_logp, score(spy.base, rollout), atol=1e-6)  # the base, never moved
-        rewards = spy.calls["scores"][step - 1][1] if name == "vpo" else sampled["out"][1]
+        rewards = spy.calls["completion_scores"][step - 1][1] if name == "vpo" else sampled["out"][1]
         assert torch.equal(adv, module.group_advantages(rewards).view(-1))
         for a, out, before in [c for c in spy.calls["update"] if c[0][6] == step]:
             clipped.append(check_update_in_situ(name, before, rollout, adv, old_logp, ref_logp, out))
