@@ -426,6 +426,9 @@ def gpu_benchmark(argv):
     unknown = set(args.methods.split(",")) - set(GSM8K_OWN)
     if unknown:
         tt.fail(f"--methods {', '.join(sorted(unknown))}: not files that take --task gsm8k ({', '.join(GSM8K_OWN)})")
+    if args.steps < 2:
+        tt.fail(f"--steps {args.steps}: the time of a step is the gap between two step lines, so at least 2")
+    failed = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         build_benchmark_model(folder, QWEN_05B if args.shape == "qwen0.5b" else TINY)
@@ -440,11 +443,14 @@ def gpu_benchmark(argv):
                                capture_output=True, text=True)
             if p.returncode:
                 print(f"{name}: failed ({p.stderr.strip().splitlines()[-1] if p.stderr.strip() else p.returncode})")
+                failed.append(name)
                 continue
             found = json.loads(p.stdout.split("benchmark ")[-1])
             gb = f"{found['peak_gpu_gb']:.1f} GB" if found["peak_gpu_gb"] is not None else "n/a"
             print(f"{name}: {found['s_per_step']:.2f} s/step, peak GPU memory {gb}, peak RSS "
                   f"{found['peak_rss_gb']:.1f} GB, {time.time() - started:.0f} s in all", flush=True)
+    if failed:
+        tt.fail(f"--gpu_benchmark: {', '.join(failed)} failed (each one's last error line is above)")
 
 
 # --------------------------------------------------------------------------------------------------

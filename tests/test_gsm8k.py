@@ -3,6 +3,7 @@ tokenizer trained here on its text with a chat template, and a tiny random Qwen2
 all loaded through the same --data and --model code a user runs."""
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -207,3 +208,14 @@ def test_a_template_that_writes_the_bos_gets_exactly_one():
     assert task.prompt("abc") == body and bos(task.prompt("abc")) == 1
     tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A", special_tokens=[])
     assert task.prompt("abc") == "^" + body and bos(task.prompt("abc")) == 1  # the template's own BOS stays
+
+
+@pytest.mark.slow
+def test_the_gpu_benchmark_runs_on_a_cpu_at_the_tiny_shape(run):
+    # the plumbing of `compare.py --gpu_benchmark` (model and data built locally, the recommended flags,
+    # the measuring wrapper), at a 2-layer shape on the CPU: one line per file, a failure fails the run
+    p = run("compare.py", "--gpu_benchmark", "--shape", "tiny", "--device", "cpu", "--steps", 2, "--methods", "grpo")
+    assert p.returncode == 0, p.stderr
+    assert re.search(r"^grpo: [0-9.]+ s/step, peak GPU memory n/a, peak RSS [0-9.]+ GB", p.stdout, re.M), p.stdout
+    bad = run("compare.py", "--gpu_benchmark", "--device", "cpu", "--steps", 1)
+    assert bad.returncode == 2 and "--steps 1" in bad.stderr

@@ -259,7 +259,8 @@ def test_pedagogical_teacher_student_and_learnability_micro_batches_are_exact():
 # End to end, as the issue checks it: one step with --micro_batch against one step without, every file.
 
 FILES = ["minimal_pg.py", "minimal_grpo.py", "minimal_drgrpo.py", "minimal_dapo.py", "minimal_tpo.py",
-         "minimal_dg.py", "minimal_opd.py", "minimal_vpo.py", "minimal_tree_grpo.py", "minimal_pedagogical.py"]
+         "minimal_dg.py", "minimal_opd.py", "minimal_vpo.py", "minimal_tree_grpo.py", "minimal_pedagogical.py",
+         "minimal_ppo.py", "minimal_sft.py", "minimal_dpo.py"]
 ONE_STEP = ["--steps", 1, "--warmup_steps", 2, "--eval_every", 0, "--prompts_per_step", 4]
 EXTRA = {"minimal_opd.py": ["--teacher_steps", 2, "--teacher_min_acc", 0],
          "minimal_pedagogical.py": ["--teacher_warmup_steps", 2, "--teacher_mix_steps", 2, "--student_batch", 4]}

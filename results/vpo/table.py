@@ -1,7 +1,7 @@
-"""The claims table of minimal_vpo.py from the logs notes/vpo_claims.sh writes: mean +- sample std over
+"""The claims table of minimal_vpo.py from the logs results/vpo/claims.sh writes: mean +- sample std over
 seeds of each final metric, per variant, and the paired (same seed) differences VPO - sum and VPO - GRPO.
 
-    uv run python notes/vpo_table.py [results/vpo]
+    uv run python results/vpo/table.py [results/vpo]
 """
 import json
 import math

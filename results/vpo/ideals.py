@@ -6,7 +6,7 @@ Multi-RLVR (sum) the set with the largest sum of w_gold scores, GRPO (m = 1) the
 w_gold score (n = 3 ties 1 and 2 letters at 0.611: the shorter is taken). The pool is --eval_chains 10 copies of that
 set, scored as evaluate() scores a pool: E_w on the midpoint grid, best@k exact over k-subsets.
 
-    uv run python notes/vpo_ideals.py          # prints one line per method
+    uv run python results/vpo/ideals.py          # prints one line per method
 """
 import itertools
 import sys
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import minimal_vpo as vpo  # noqa: E402
 import toy_tasks as tt  # noqa: E402
 

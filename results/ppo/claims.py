@@ -1,14 +1,14 @@
 """Claims C1 and C2 of minimal_ppo.py (issue 19): run each configuration x seed in its own process, one at a
 time, with OMP_NUM_THREADS=1, and summarise.
 
-    uv run python notes/ppo_claims.py run            # every run not already done, into runs/ppo_claims/
-    uv run python notes/ppo_claims.py report         # the tables of notes/ppo.md
+    uv run python results/ppo/claims.py run            # every run not already done, into results/ppo/
+    uv run python results/ppo/claims.py report         # the tables of results/README.md
 
 Each run is `minimal_ppo.py` or `minimal_grpo.py` called in-process (main() of the imported module, so the
 hooks below see it) with --eval_every 5 --log_jsonl. The hooks record, at every step line, the process CPU
 time and resident memory, and for PPO the explained variance of every step's critic by token position
 (from the first completion token, and from the last), wrapping minimal_ppo.explained_variance.
-For notes/ppo.md, ppo_32x8 ran for seeds 0 and 1 only (`run ppo grpo ppo_scratch ppo_nocritic`, then
+For results/README.md, ppo_32x8 ran for seeds 0 and 1 only (`run ppo grpo ppo_scratch ppo_nocritic`, then
 ppo_32x8 with seed 2 skipped); the report reads whatever runs exist.
 """
 import json
@@ -20,8 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "runs" / "ppo_claims"
+ROOT = Path(__file__).resolve().parents[2]
+OUT = ROOT / "results" / "ppo"
 SEEDS = [0, 1, 2]
 CONFIGS = {  # name -> (file, flags)
     "ppo": ("minimal_ppo.py", []),

@@ -1,5 +1,5 @@
-"""Tables for the claims of minimal_sft.py and minimal_dpo.py from the logs notes/sftdpo_claims.sh wrote
-into results/sftdpo/: `uv run notes/sftdpo_summary.py [results/sftdpo]`. Mean +- sample std over seeds."""
+"""Tables for the claims of minimal_sft.py and minimal_dpo.py from the logs results/sftdpo/claims.sh wrote
+into results/sftdpo/: `uv run results/sftdpo/summary.py [results/sftdpo]`. Mean +- sample std over seeds."""
 import json
 import math
 import sys
