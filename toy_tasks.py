@@ -838,8 +838,7 @@ def keeps_logits(model):
     default's logits (7 tokens) are smaller than the 64-wide hidden states the pass holds anyway, so it
     keeps them all, and its runs print what they printed before this existed (dropping rows from the
     output layer reorders the float sums of its weight gradient, and sampled runs drift apart)."""
-    config = getattr(model, "config", None)  # a plain nn.Module stand-in (the tests') returns every position
-    wide = config is not None and config.vocab_size > config.hidden_size
+    wide = model.config.vocab_size > model.config.hidden_size
     return wide and "logits_to_keep" in inspect.signature(type(model).forward).parameters
 
 

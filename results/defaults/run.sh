@@ -6,8 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 files=${*:-"pg grpo drgrpo dapo tpo dg opd pedagogical vpo tree_grpo ppo sft dpo"}
 for f in $files; do
-  start=$(date +%s.%N)
+  start=$EPOCHREALTIME
   uv run minimal_$f.py --log_jsonl results/defaults/$f.jsonl > results/defaults/$f.out 2>&1
-  printf 'real %.1f s\n' "$(echo "$(date +%s.%N) - $start" | bc)" >> results/defaults/$f.out
+  awk -v a="$start" -v b="$EPOCHREALTIME" 'BEGIN { printf "real %.1f s\n", b - a }' >> results/defaults/$f.out
   echo "$f: $(tail -2 results/defaults/$f.out | tr '\n' ' ')"
 done

@@ -7,6 +7,4 @@ run() { uv run compare.py --methods vpo --own_defaults --seeds 3 --jobs 1 --out 
 run vpo ""                                  # VPO (m = 3), the file's defaults
 run sum "--set_score sum"                   # Multi-RLVR: the distinct answers' w_gold scores added (m = 3)
 run grpo "--m 1 --set_score max"            # GRPO on w_gold . r (m = 1)
-if [ "${RANDOM_WEIGHT:-1}" = 1 ]; then      # RANDOM_WEIGHT=1 results/vpo/claims.sh ran it after the others
-  run random_w "--m 1 --n_weights 1"        # random-weight GRPO: one w ~ Dirichlet(1) per prompt (m = 1)
-fi
+run random_w "--m 1 --n_weights 1"          # random-weight GRPO: one w ~ Dirichlet(1) per prompt (m = 1)
