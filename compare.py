@@ -2,10 +2,8 @@
 and one table.
 
     uv run compare.py --methods grpo,tpo --seeds 3
-    uv run compare.py --preset tokrev            # the published token-reversal table (README)
+    uv run compare.py --preset tokrev            # the published token-reversal table (results/tokrev/)
     uv run compare.py --own_defaults --seeds 3   # every file with its own defaults: the spread to expect
-    uv run compare.py --tree_sampler --seeds 3   # claim C1 of minimal_tree_grpo.py: tree vs chains at matched tokens
-    uv run compare.py --gpu_benchmark            # on a CUDA GPU only: every gsm8k file on a Qwen2.5-0.5B shape
 
 Every `minimal_NAME.py` at the top level is a method called NAME: a new file joins without any
 change here. Each method x seed runs as its own process, exactly as a user would run the file,
@@ -20,6 +18,9 @@ across seeds) and compare.md (final test_acc, or test error with --error, mean +
 at which the sampling entropy, and the first evaluation at which the held-out entropy, falls to 0.1 or
 below; wall time per run). A file whose test_acc is not greedy per-character accuracy says so in a
 module constant TEST_METRIC, and the table then names each row's metric.
+
+The published comparisons, each with its command, logs and table: results/README.md. The results
+scripts import their log reader (read_log, read_jsonl) and their mean ± std (mean_std) from here.
 """
 import argparse
 import dataclasses
@@ -42,7 +43,7 @@ PRESETS = {
     # rl-experiments' token reversal (METHODS.md section 11): 10 symbols over 2 letters from random
     # weights, 96 completions a step (12 prompts x 8), lr 1e-3, grad clip 1, 300 steps, 4 inner epochs,
     # evaluation every 20 steps, 3 seeds. The source's GRPO penalises k3 to pi_old, not to a frozen
-    # reference (README: Reproducing the published table), hence --beta 0 for ours.
+    # reference (results/tokrev/README.md), hence --beta 0 for ours.
     "tokrev": dict(methods="tpo,dg,grpo", seeds=3, steps=300, prompts_per_step=12, group_size=8, epochs=4,
                    extra="--task tokrev --lr 1e-3 --max_grad_norm 1 --eval_every 20", per_method="grpo: --beta 0",
                    error=True, out="runs/tokrev"),
@@ -59,12 +60,20 @@ def available_methods():
 # Aggregation: plain functions over lists, tested on hand-made logs.
 
 
-def mean_std_se(values):
-    """(mean, sample std, standard error of the mean) of a list; std and se are 0 for one value."""
+def mean_std(values):
+    """(mean, sample std) of a list: the std divides by n - 1 (ddof 1), and is 0 for one value. Every
+    `mean ± std` in compare.py and results/ is this one."""
+    values = list(values)
     n = len(values)
     mean = sum(values) / n
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return mean, std, std / math.sqrt(n)
+    return mean, std
+
+
+def mean_std_se(values):
+    """(mean, sample std, standard error of the mean) of a list; std and se are 0 for one value."""
+    mean, std = mean_std(values)
+    return mean, std, std / math.sqrt(len(values))
 
 
 def first_at_or_below(steps, values, threshold=ENTROPY_FLOOR):
@@ -77,12 +86,17 @@ def first_at_or_above(steps, values, threshold):
     return next((s for s, v in zip(steps, values) if v >= threshold), None)
 
 
+def read_jsonl(path):
+    """Every record of a JSON-lines file, in order (blank lines skipped)."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
 def read_log(path):
-    """One run's JSON lines as {"step": [...records], "eval": [...], "final": {...}}, and any other kind
-    of line a file writes (e.g. "teacher") as a list under its kind."""
+    """One run's JSON lines (--log_jsonl) as {"step": [...records], "eval": [...], "final": {...}}, and any
+    other kind of line a file writes (e.g. "teacher") as a list under its kind. Every record carries the
+    keys its line printed; step and eval records also carry `time_s`, seconds since the run began."""
     out = {"step": [], "eval": [], "final": None}
-    for line in Path(path).read_text().splitlines():
-        rec = json.loads(line)
+    for rec in read_jsonl(path):
         if rec["kind"] == "final":
             out["final"] = rec
         else:
@@ -227,242 +241,11 @@ def run_one(file, seed, budget, extra, log_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# Tree sampler probe (minimal_tree_grpo.py, claim C1): from one base model, no training, does a tree
-# of rollouts (EPTree) find an exactly correct answer for more prompts than independent chains given
-# the same generated tokens?
-#
-# For each seed: warm up the base model exactly as minimal_tree_grpo.py does, then grow one tree per
-# held-out prompt with minimal_tree_grpo.grow_trees (--trees, --forks, --rounds, --branches) and draw
-# --pool independent chains per prompt. The chains are matched to the trees prompt by prompt: chains are
-# taken in order until their tokens reach what the tree spent on that prompt, the last chain counted
-# whole (which favours the chains). It prints, per seed and as mean +- std over seeds, the share of
-# prompts with at least one exactly correct leaf (tree) or chain (chains_same_tokens), their paired
-# difference, chains at G = 8 and G = 12 for reference (about the tree's tokens, and its 12 leaves), the
-# tokens spent, and the mechanism: the share of wrong root chains whose first fork sits exactly on their
-# first wrong character (fork_at_first_error), against a fork at a uniformly random token (at_random).
-# It runs in this process and writes no files; its flags: `uv run compare.py --tree_sampler --help`.
-
-
-def solved_with_matched_chains(correct, lengths, budget):
-    """correct, lengths: (P, C) for C chains per prompt in sampling order; budget (P,) tokens. Per prompt:
-    did any chain solve it among the first ones whose tokens reach the budget (the last counted whole)?"""
-    spent_before = lengths.cumsum(1) - lengths  # (P, C) tokens spent before each chain
-    used = spent_before < budget[:, None]  # (P, C) a chain is drawn while the budget is not yet reached
-    return (correct & used).any(1), used.sum(1)
-
-
-def first_error(text, answer):
-    """The first character position where a completion goes wrong: a wrong character, the EOS of a
-    completion that stops early, or the first extra character of one that runs on."""
-    return next((i for i, (a, b) in enumerate(zip(text, answer)) if a != b), min(len(text), len(answer)))
-
-
-def tree_vs_chains_one_seed(args, seed):
-    import minimal_tree_grpo as tree
-    import toy_tasks as tt
-
-    run = tree.Args(seed=seed, binary=True, trees=args.trees, forks=args.forks, rounds=args.rounds,
-                    branches=args.branches, warmup_steps=args.warmup_steps, device="cpu")
-    tree.check_args(run)  # also fills in the task's own token budget
-    task, model, tok, device, _, _ = tt.setup(run)
-    model.eval()
-    prompts = task.test[:args.prompts] * args.repeats
-    ids, mask = tt.encode(tok, [ex.prompt for ex in prompts], device)
-    rollout, owner, gen_tokens = tree.grow_trees(model, tok, ids, mask, run)
-    k = args.trees * owner.size(1)  # leaves per prompt
-    leaf_ok = task.rewards(rollout.texts, [ex for ex in prompts for _ in range(k)]).view(len(prompts), k) == 1
-    tree_tokens = gen_tokens.view(len(prompts), -1).sum(1)  # (P,) sampled for each prompt's trees
-    chains = tt.sample(model, tok, ids.repeat_interleave(args.pool, 0), mask.repeat_interleave(args.pool, 0),
-                       run.max_new_tokens, run.temperature)
-    chain_ok = task.rewards(chains.texts, [ex for ex in prompts for _ in range(args.pool)]).view(len(prompts), -1) == 1
-    lengths = chains.lengths.view(len(prompts), -1)
-    matched, drawn = solved_with_matched_chains(chain_ok, lengths, tree_tokens)
-    if (lengths.sum(1) < tree_tokens).any():
-        tt.fail(f"--pool {args.pool} chains ran out before the tree's tokens; raise --pool")
-    tree_solved, chains_solved = leaf_ok.any(1).float().mean().item(), matched.float().mean().item()
-    # the mechanism: how often the first fork of a wrong root chain sits on its first wrong character,
-    # against a fork at a uniformly random token of it
-    fork = (owner[:, 1] == 1).float().argmax(1)  # (Tr,) where leaf 1 of each tree starts sampling
-    hits, chance = [], []
-    for i, ex in enumerate(ex for ex in prompts for _ in range(args.trees)):
-        text, length = rollout.texts[i * owner.size(1)], rollout.lengths[i * owner.size(1)]
-        if text != ex.answer:
-            hits.append(int(fork[i]) == first_error(text, ex.answer))
-            chance.append(1 / float(length))
-    return {"tree": tree_solved, "chains_same_tokens": chains_solved, "tree_minus_chains": tree_solved - chains_solved,
-            "chains_G8": chain_ok[:, :8].any(1).float().mean().item(),
-            "chains_G12": chain_ok[:, :12].any(1).float().mean().item(),
-            "tree_tokens": tree_tokens.float().mean().item(), "tree_leaves": k,
-            "chains_drawn": drawn.float().mean().item(), "G8_tokens": lengths[:, :8].sum(1).float().mean().item(),
-            "fork_at_first_error": sum(hits) / len(hits), "at_random": sum(chance) / len(chance)}
-
-
-def tree_sampler_probe(argv):
-    """`compare.py --tree_sampler [flags]`: one line per seed, then the mean +- std line."""
-    import torch
-
-    import minimal_tree_grpo as tree
-    import toy_tasks as tt
-
-    ap = argparse.ArgumentParser(prog="compare.py --tree_sampler", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                 description="Claim C1 of minimal_tree_grpo.py: a tree of rollouts against independent "
-                                             "chains at matched tokens, from the base model (no training).")
-    ap.add_argument("--seeds", type=int, default=3, help="base models (warm-up seeds 0, 1, ...)")
-    ap.add_argument("--repeats", type=int, default=4, help="trees grown per held-out prompt and seed")
-    ap.add_argument("--pool", type=int, default=24, help="independent chains drawn per prompt")
-    ap.add_argument("--prompts", type=int, default=256, help="held-out prompts used (the first ones)")
-    for name in ("trees", "forks", "rounds", "branches", "warmup_steps"):
-        ap.add_argument(f"--{name}", type=int, default=getattr(tree.Args, name), help="as in minimal_tree_grpo.py")
-    args = ap.parse_args(argv)
-    for name in ("seeds", "repeats", "prompts", "trees", "forks", "branches"):
-        if getattr(args, name) < 1:
-            tt.fail(f"--{name} must be a positive whole number, got {getattr(args, name)}")
-    if args.rounds < 1:
-        tt.fail(f"--rounds must be at least 1 (a tree with no forks is a group of chains), got {args.rounds}")
-    if args.pool < 12:
-        tt.fail(f"--pool must be at least 12 (chains_G12 counts the first 12 chains), got {args.pool}")
-    rows = []
-    for seed in range(args.seeds):
-        torch.manual_seed(seed)
-        rows.append(tree_vs_chains_one_seed(args, seed))
-        print(f"seed={seed} " + " ".join(f"{k}={tt.fmt(v)}" for k, v in rows[-1].items()), flush=True)
-    stats = {}
-    for key in rows[0]:
-        values = [r[key] for r in rows]
-        mean = sum(values) / len(values)
-        stats[key] = (mean, math.sqrt(sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)))
-    print("mean±std " + " ".join(f"{k}={m:.4f}±{s:.4f}" for k, (m, s) in stats.items()))
-
-
-# --------------------------------------------------------------------------------------------------
-# The GPU benchmark: a Qwen2.5-0.5B-shaped model on GSM8K-shaped data, never run by default nor in CI.
-
-# The recommended single-GPU settings for --task gsm8k with Qwen/Qwen2.5-0.5B-Instruct (README, On a real
-# model): learning rate, beta, group and batch after nanoRL's gsm8k_grpo.py (lr 5e-6, beta 0.04, one or two
-# updates per batch) and verl's quickstart (lr 1e-6); 16 prompts x 8 completions a step, 2 prompts (16
-# rows) per micro-batch. Every file gets COMMON, then its own flags.
-GSM8K_COMMON = "--task gsm8k --lr 2e-6 --prompts_per_step 16 --micro_batch 2 --eval_every 25 --steps 200"
-GSM8K_OWN = {
-    "pg": "--group_size 8",
-    "grpo": "--group_size 8 --epochs 1 --beta 0.04",
-    "drgrpo": "--group_size 8 --epochs 1 --beta 0",
-    "dapo": "--group_size 8 --epochs 1 --overlong_cache 64",
-    "tpo": "--group_size 8 --epochs 2",
-    "dg": "--group_size 8",
-    "tree_grpo": "--prompts_per_step 10 --trees 4 --epochs 1",  # 4 trees x 3 leaves, no --group_size
-    "opd": "--prompts_per_step 64 --group_size 2 --teacher Qwen/Qwen2.5-1.5B-Instruct --teacher_min_acc 0",
-    "sft": "--lr 1e-5",  # on the reference solutions; SFT takes a larger step than RL (TRL's default: 2e-5)
-    "dpo": "--group_size 8 --beta 0.1",
-    "ppo": "--prompts_per_step 128 --group_size 1 --epochs 1",  # 128 completions a step, as GRPO's 16 x 8
-}
-QWEN_05B = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                intermediate_size=4864, vocab_size=151_936, max_position_embeddings=32768, rope_theta=1e6,
-                tie_word_embeddings=True)
-TINY = dict(QWEN_05B, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=2048)
-
-MEASURE = """import json, resource, runpy, sys, time, torch
-import toy_tasks as tt
-stamps, step = [], tt.Logger.step
-tt.Logger.step = lambda self, *a, **k: (stamps.append(time.time()), step(self, *a, **k))[1]
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-gaps = sorted(b - a for a, b in zip(stamps, stamps[1:]))
-print("benchmark " + json.dumps({"s_per_step": gaps[len(gaps) // 2] if gaps else None,
-      "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
-      "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
-"""
-
-
-def build_benchmark_model(folder, shape):
-    """A Qwen2 of the given shape with random weights and a word-level tokenizer of the same vocabulary
-    size with Qwen's chat format, written to folder/model; GSM8K-shaped data to folder/data. Nothing is
-    downloaded."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
-
-    import toy_tasks as tt
-
-    records = tt.make_gsm8k_like(1000, seed=0)
-    (folder / "data").mkdir(parents=True, exist_ok=True)
-    for split, part in (("train", records[:800]), ("test", records[800:])):
-        (folder / "data" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    words = sorted({w for r in records for w in (r["question"] + " " + r["answer"] + " " + tt.GSM8K_INSTRUCTION).split()})
-    vocab = specials + ["user", "assistant"] + words
-    vocab += [f"<x{i}>" for i in range(shape["vocab_size"] - len(vocab))]
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<|endoftext|>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tok.chat_template = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> "
-                         "{% endfor %}{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
-    config = Qwen2Config(**shape, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(config).to(torch.bfloat16).save_pretrained(folder / "model")  # loaded as float32
-    tok.save_pretrained(folder / "model")
-
-
-def gpu_benchmark(argv):
-    """`compare.py --gpu_benchmark`: every file that takes --task gsm8k, a few steps each at the
-    recommended settings, on a Qwen2.5-0.5B-shaped model with random weights; one line per file with
-    seconds per step (median) and peak GPU memory. Random weights never emit EOS, so every completion
-    runs the whole 256-token budget: the memory is the worst case of the recommended settings."""
-    import tempfile
-
-    import torch
-
-    import toy_tasks as tt
-
-    ap = argparse.ArgumentParser(prog="compare.py --gpu_benchmark", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--methods", default=",".join(GSM8K_OWN), help="comma-separated, from: " + ", ".join(GSM8K_OWN))
-    ap.add_argument("--steps", type=int, default=3, help="steps per file (the median step time is reported)")
-    ap.add_argument("--shape", default="qwen0.5b", choices=["qwen0.5b", "tiny"], help="tiny: a 2-layer trunk and a 2,048-token "
-                    "vocabulary, to check the plumbing on a CPU")
-    ap.add_argument("--device", default="cuda", help="cuda, or cpu with --shape tiny")
-    ap.add_argument("--extra", default="", help="more flags for every run, e.g. '--grad_checkpointing'")
-    args = ap.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        tt.fail("--gpu_benchmark needs a CUDA device (use --shape tiny --device cpu to check the plumbing)")
-    unknown = set(args.methods.split(",")) - set(GSM8K_OWN)
-    if unknown:
-        tt.fail(f"--methods {', '.join(sorted(unknown))}: not files that take --task gsm8k ({', '.join(GSM8K_OWN)})")
-    if args.steps < 2:
-        tt.fail(f"--steps {args.steps}: the time of a step is the gap between two step lines, so at least 2")
-    failed = []
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        build_benchmark_model(folder, QWEN_05B if args.shape == "qwen0.5b" else TINY)
-        for name in args.methods.split(","):
-            common = GSM8K_COMMON.replace("--steps 200", f"--steps {args.steps}")
-            own = GSM8K_OWN[name].replace("--teacher Qwen/Qwen2.5-1.5B-Instruct", f"--teacher {folder / 'model'}")
-            flags = (common.split() + own.split() + args.extra.split()
-                     + ["--data", str(folder / "data"), "--model", str(folder / "model"), "--eval_size", "16",
-                        "--eval_every", "0", "--device", args.device])
-            started = time.time()
-            p = subprocess.run([sys.executable, "-c", MEASURE, f"minimal_{name}.py", *flags], cwd=ROOT,
-                               capture_output=True, text=True)
-            if p.returncode:
-                print(f"{name}: failed ({p.stderr.strip().splitlines()[-1] if p.stderr.strip() else p.returncode})")
-                failed.append(name)
-                continue
-            found = json.loads(p.stdout.split("benchmark ")[-1])
-            gb = f"{found['peak_gpu_gb']:.1f} GB" if found["peak_gpu_gb"] is not None else "n/a"
-            print(f"{name}: {found['s_per_step']:.2f} s/step, peak GPU memory {gb}, peak RSS "
-                  f"{found['peak_rss_gb']:.1f} GB, {time.time() - started:.0f} s in all", flush=True)
-    if failed:
-        tt.fail(f"--gpu_benchmark: {', '.join(failed)} failed (each one's last error line is above)")
-
-
-# --------------------------------------------------------------------------------------------------
 # Main.
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    if "--tree_sampler" in argv:  # a probe with flags of its own, not a comparison of methods
-        return tree_sampler_probe([a for a in argv if a != "--tree_sampler"])
-    if "--gpu_benchmark" in argv:  # the same: a benchmark with flags of its own
-        return gpu_benchmark([a for a in argv if a != "--gpu_benchmark"])
     methods = available_methods()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--methods", default=",".join(methods), help=f"comma-separated, from: {', '.join(methods)}")
@@ -484,12 +267,6 @@ def main(argv=None):
                     "each, the first evaluated step at or above it (evaluate often: --extra '--eval_every 5')")
     ap.add_argument("--preset", default="", choices=[""] + list(PRESETS),
                     help="a named setting (see PRESETS): it sets the defaults above, which flags still override")
-    ap.add_argument("--tree_sampler", action="store_true",
-                    help="run instead the tree sampler probe of minimal_tree_grpo.py (claim C1); its flags: "
-                         "--tree_sampler --help")
-    ap.add_argument("--gpu_benchmark", action="store_true",
-                    help="run instead the GPU benchmark of every --task gsm8k file on a Qwen2.5-0.5B shape (CUDA "
-                         "only); its flags: --gpu_benchmark --help")
     preset = ap.parse_known_args(argv)[0].preset
     if preset:
         ap.set_defaults(**PRESETS[preset])

@@ -37,9 +37,8 @@ Toy choices and departures from the paper, each deliberate:
 - 4 full-batch inner epochs per batch, inherited from minimal_grpo.py (the paper takes 16 mini-batch
   steps per batch).
 - 70 steps by default, not GRPO's 100. Dynamic sampling gets expensive as the policy improves: once
-  most groups are all right, a step needs 8 to 10 rounds to find 32 informative groups. On a 2-core
-  CPU 70 steps take about 46 s wall, 80 steps 65 s and 100 steps 77 s (GRPO's 100: 47 to 60 s), and
-  test_acc is past 0.9 by step 60 on seeds 0, 1 and 2.
+  most groups are all right, a step needs 8 to 10 rounds to find 32 informative groups (timings:
+  docs/dapo.md).
 - Logged `reward` is the mean task reward over every group sampled in the step (so it compares with
   the other files); `kept` is the share of sampled groups that were informative, `rounds` the rounds
   used, `overlong` the share of trained completions with R_len < 0; the other metrics are over the
@@ -189,6 +188,19 @@ def informative_groups(rewards):
     return rewards.max(1).values > rewards.min(1).values
 
 
+def cat_rollouts(parts, pad_id):
+    """Stack Rollouts sampled separately (their widths may differ): prompts stay left-padded,
+    completions right-padded, and the new padding is masked out like the old."""
+    pad = torch.nn.functional.pad
+    p, t = max(r.prompt_ids.size(1) for r in parts), max(r.completion_ids.size(1) for r in parts)
+    return tt.Rollout(torch.cat([pad(r.prompt_ids, (p - r.prompt_ids.size(1), 0), value=pad_id) for r in parts]),
+                      torch.cat([pad(r.prompt_mask, (p - r.prompt_mask.size(1), 0)) for r in parts]),
+                      torch.cat([pad(r.completion_ids, (0, t - r.completion_ids.size(1)), value=pad_id) for r in parts]),
+                      torch.cat([pad(r.completion_mask, (0, t - r.completion_mask.size(1))) for r in parts]),
+                      torch.cat([r.truncated for r in parts]), [x for r in parts for x in r.texts],
+                      parts[0].temperature)
+
+
 def dynamic_sample(model, tok, task, rng, step, args, device):
     """Sample rounds of prompts_per_step fresh prompts and keep the informative groups, until
     prompts_per_step are kept or max_rounds rounds are spent. Returns the Rollout and task rewards (K, G)
@@ -208,7 +220,7 @@ def dynamic_sample(model, tok, task, rng, step, args, device):
         tt.fail(f"dynamic sampling found no group with unequal rewards in --max_rounds {args.max_rounds} "
                 f"rounds at step {step}; raise --max_rounds or --temperature")
     # rounds differ in prompt and completion width: cat_rollouts pads them to one width, masked out
-    rollout = tt.cat_rollouts([r for r, _ in parts], tok.pad_token_id)
+    rollout = cat_rollouts([r for r, _ in parts], tok.pad_token_id)
     rewards = torch.cat([r for _, r in parts])  # (K', G) every kept group, in sampling order
     first = torch.arange(kept, device=rewards.device) < args.prompts_per_step  # (K',) drop the surplus
     rollout, rewards = rollout.select(first.repeat_interleave(args.group_size)), rewards[first]  # K groups
@@ -240,8 +252,8 @@ def main():
     task, model, tok, device, logger, rng = tt.setup(args)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     mb_rows = args.micro_batch * args.group_size  # rows per forward pass, whole groups (0: the whole batch)
-    base_acc, exact, test_entropy = tt.evaluate(model, tok, task, device, args.max_new_tokens, mb_rows)
-    logger.eval(0, base_acc, exact, entropy=test_entropy)
+    base_acc, exact, test_extra = tt.evaluate(model, tok, task, device, args.max_new_tokens, mb_rows)
+    logger.eval(0, base_acc, exact, **test_extra)
 
     for step in range(1, args.steps + 1):
         rollout, rewards, sampling = dynamic_sample(model, tok, task, rng, step, args, device)
@@ -254,10 +266,11 @@ def main():
         logger.step(step, reward=sampling["reward"], loss=loss, entropy=entropy, **stats,
                     grad_norm=grad_norm, len=rollout.lengths.mean(), gen_tokens=int(sampling["gen_tokens"]),
                     len_wrong=tt.mean_length_wrong(rollout, rewards), kept=sampling["kept"],
-                    rounds=sampling["rounds"], overlong=(penalty < 0).float().mean())
+                    rounds=sampling["rounds"], overlong=(penalty < 0).float().mean(),
+                    **task.extra_metrics(rollout.texts))
         if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
-            test_acc, exact, test_entropy = tt.evaluate(model, tok, task, device, args.max_new_tokens, mb_rows)
-            logger.eval(step, test_acc, exact, entropy=test_entropy)
+            test_acc, exact, test_extra = tt.evaluate(model, tok, task, device, args.max_new_tokens, mb_rows)
+            logger.eval(step, test_acc, exact, **test_extra)
     logger.final(test_acc, exact, base_acc)
 
 

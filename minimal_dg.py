@@ -12,7 +12,7 @@ ignored, while confident tokens get half weight whichever way the reward went:
     w_i,t = sigmoid(A_i * l_i,t / eta)            (the gate: -> 1, -> 0, or 1/2 when l = 0)
     loss  = -mean_i [ sum_t sg(w_i,t * A_i) * log pi(y_i,t) ]
 
-A choice, stated: METHODS.md writes the loss as -mean_t, from fixed-length toys where every token
+A choice, stated: the references write the loss as -mean_t, from fixed-length toys where every token
 reduction is a constant multiple of every other. Completions here vary in length, and this file keeps
 the parent's reduction: sum over each completion's tokens, mean over completions. Every token weighs
 the same, as in a token mean; only the overall scale (the mean length) differs. A per-completion
@@ -227,8 +227,8 @@ def main():
     task, model, tok, device, logger, rng = tt.setup(args)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     mb_rows = args.micro_batch * args.group_size  # rows per forward pass, whole groups (0: the whole batch)
-    base_acc, exact, test_entropy = tt.evaluate(model, tok, task, device, args.max_new_tokens, mb_rows)
-    logger.eval(0, base_acc, exact, entropy=test_entropy)
+    base_acc, exact, test_extra = tt.evaluate(model, tok, task, device, args.max_new_tokens, mb_rows)
+    logger.eval(0, base_acc, exact, **test_extra)
 
     for step in range(1, args.steps + 1):
         examples = task.sample(rng, args.prompts_per_step)
@@ -237,10 +237,11 @@ def main():
         loss, stats, entropy = update(model, optimizer, rollout, adv, step, args)
         grad_norm, gate, kept = stats.pop("grad_norm"), stats.pop("gate"), stats.pop("kept")
         logger.step(step, reward=rewards.mean(), loss=loss, entropy=entropy, **stats,
-                    grad_norm=grad_norm, len=rollout.lengths.mean(), gen_tokens=int(rollout.lengths.sum()), gate=gate, kept=kept)
+                    grad_norm=grad_norm, len=rollout.lengths.mean(), gen_tokens=int(rollout.lengths.sum()), gate=gate, kept=kept,
+                    **task.extra_metrics(rollout.texts))
         if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
-            test_acc, exact, test_entropy = tt.evaluate(model, tok, task, device, args.max_new_tokens, mb_rows)
-            logger.eval(step, test_acc, exact, entropy=test_entropy)
+            test_acc, exact, test_extra = tt.evaluate(model, tok, task, device, args.max_new_tokens, mb_rows)
+            logger.eval(step, test_acc, exact, **test_extra)
     logger.final(test_acc, exact, base_acc)
 
 

@@ -16,7 +16,7 @@ beta h is the difference of DPO's implicit rewards beta log(pi/pi_ref); the loss
 regression that the policy wins by ranking the chosen completion above the rejected one *relative to
 the reference*. It is satisfied by raising y_w or by lowering y_l: nothing in it says which, and on a
 policy that already puts most of its mass on a few answers lowering y_l is the cheap way (nanoRL's
-observation; the README measures it). At h = 0 (the first step, pi = pi_ref) its gradient is exactly
+observation; docs/dpo.md measures it). At h = 0 (the first step, pi = pi_ref) its gradient is exactly
 beta times a pairwise policy gradient with advantage +1 on y_w and -1 on y_l; away from it each pair is
 weighted by sigmoid(-beta h), so pairs already ranked right stop counting: this is what bounds the
 update, where GRPO needs a clip.
@@ -30,7 +30,7 @@ moved from the pairs' sampler.
 
 One gradient step per batch (--epochs 1), as in Guo et al. and TRL's online trainer, where GRPO takes 4:
 nothing in DPO needs a ratio to the sampler, and with nothing to stop it re-fitting the same 32 pairs,
---epochs 4 collapsed the entropy and ended below the base here (README). So the default learns from
+--epochs 4 collapsed the entropy and ended below the base here (docs/dpo.md). So the default learns from
 two of each group's eight samples with one step per batch, and is the slowest learner of the GRPO
 family: it takes PG's 200 steps, and its tested floor is PG's 0.85 held-out accuracy, not the others' 0.90.
 Micro-batches hold whole pairs (--micro_batch prompts = as many pairs, two rows each), and the loss is
@@ -91,7 +91,7 @@ class Args:
     max_new_tokens: int = -1
     """token budget per completion, cut off without EOS (-1: the task's own, 10 for the toys, 256 for gsm8k)"""
     temperature: float = 1.0
-    """sampling temperature (log-probs are taken at the same temperature)"""
+    """sampling temperature; pi and pi_ref are scored at 1, as in TRL (the logged entropy is at this one)"""
     eval_every: int = 20
     """greedy held-out evaluation every this many steps (0: only at the end)"""
     micro_batch: int = 0
@@ -183,7 +183,9 @@ def update(model, optimizer, pairs, old_logp, ref_logp, step, args):
     for rows in tt.micro_batches(2 * n, args.micro_batch * 2):  # row slices of whole pairs, one per prompt
         part = pairs.rows(rows)
         mask = part.completion_mask  # (n_mb, T)
-        logp, entropy = tt.token_logprobs(model, part)  # (n_mb, T) each
+        logits = tt.completion_logits(model, part, 1.0)  # (n_mb, T, V) scored at temperature 1, as TRL scores
+        logp = logits.log_softmax(-1).gather(-1, part.completion_ids[..., None]).squeeze(-1)  # (n_mb, T)
+        entropy = tt.entropy_from_logprobs((logits.detach() / part.temperature).log_softmax(-1))  # as sampled
         loss, stats, part_logratios = policy_loss(logp, old_logp[rows], ref_logp[rows], mask, args.beta, n)
         tt.check_finite(loss, step)
         loss.backward()  # gradients add up over the micro-batches into the whole batch's
@@ -202,7 +204,7 @@ def sample_pairs(sampler, ref_model, tok, task, examples, args, device):
     rollout, rewards = tt.rollout_groups(sampler, tok, task, examples, args.group_size, args, device)
     chosen, rejected, formed = make_pairs(rewards)
     pairs = pair_rows(rollout, chosen, rejected)
-    ref_logp = tt.score(ref_model, pairs, args.micro_batch * 2)[0] if formed.any() else pairs.completion_mask
+    ref_logp = tt.score(ref_model, pairs, args.micro_batch * 2, 1.0)[0] if formed.any() else pairs.completion_mask
     return pairs, rewards, ref_logp, formed, int(rollout.lengths.sum())
 
 
@@ -236,8 +238,8 @@ def main():
         logger.info("offline", batches=len(pool), pairs=torch.cat([b[3] for b in pool]).float().mean(),
                     reward=torch.stack([b[1].mean() for b in pool]).mean(), gen_tokens=sum(b[4] for b in pool))
 
-    base_acc, exact, test_entropy = tt.evaluate(model, tok, task, device, args.max_new_tokens, mb_rows)
-    logger.eval(0, base_acc, exact, entropy=test_entropy)
+    base_acc, exact, test_extra = tt.evaluate(model, tok, task, device, args.max_new_tokens, mb_rows)
+    logger.eval(0, base_acc, exact, **test_extra)
 
     for step in range(1, args.steps + 1):
         if args.offline:  # the pairs' sampler is the reference: old_logp is ref_logp, cached
@@ -246,16 +248,16 @@ def main():
         else:  # online: fresh pairs from the current policy
             examples = task.sample(rng, args.prompts_per_step)
             pairs, rewards, ref_logp, formed, gen_tokens = sample_pairs(model, ref_model, tok, task, examples, args, device)
-            old_logp = tt.score(model, pairs, mb_pairs)[0] if formed.any() else ref_logp  # (2K, T) pi_old, frozen for every epoch
+            old_logp = tt.score(model, pairs, mb_pairs, 1.0)[0] if formed.any() else ref_logp  # (2K, T) pi_old, frozen for every epoch
         for epoch in range(args.epochs):  # the ratio logged is the last epoch's; the pair metrics are its forward pass's
             loss, stats, entropy, prefs = update(model, optimizer, pairs, old_logp, ref_logp, step, args)
         grad_norm = stats.pop("grad_norm")
         logger.step(step, reward=rewards.mean(), loss=loss, entropy=entropy, **stats,
                     grad_norm=grad_norm, len=pairs.lengths.sum() / max(len(pairs.texts), 1), gen_tokens=gen_tokens, **prefs,
-                    pairs=formed.float().mean())
+                    pairs=formed.float().mean(), **task.extra_metrics(pairs.texts))
         if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
-            test_acc, exact, test_entropy = tt.evaluate(model, tok, task, device, args.max_new_tokens, mb_rows)
-            logger.eval(step, test_acc, exact, entropy=test_entropy)
+            test_acc, exact, test_extra = tt.evaluate(model, tok, task, device, args.max_new_tokens, mb_rows)
+            logger.eval(step, test_acc, exact, **test_extra)
     logger.final(test_acc, exact, base_acc)
 
 

@@ -20,7 +20,7 @@ would say (mass-covering), rather than only to stay inside it; the logged kl is 
 
 Departure from the paper: 4 inner epochs per batch where the paper takes one gradient step per
 exploration stage. With one step rho is exactly 1 and the clip never fires (try --epochs 1); with four,
-the ratio, the clip fraction and the entropy collapse that METHODS.md describes are all visible.
+the ratio, the clip fraction and the entropy collapse that docs/grpo.md describes are all visible.
 
 Run: uv run minimal_grpo.py          (flags: uv run minimal_grpo.py --help)
 """
@@ -167,8 +167,8 @@ def main():
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # the frozen base, for the KL term
     mb_rows = args.micro_batch * args.group_size  # rows per forward pass, whole groups (0: the whole batch)
-    base_acc, exact, test_entropy = tt.evaluate(model, tok, task, device, args.max_new_tokens, mb_rows)
-    logger.eval(0, base_acc, exact, entropy=test_entropy)
+    base_acc, exact, test_extra = tt.evaluate(model, tok, task, device, args.max_new_tokens, mb_rows)
+    logger.eval(0, base_acc, exact, **test_extra)
 
     for step in range(1, args.steps + 1):
         examples = task.sample(rng, args.prompts_per_step)
@@ -181,10 +181,10 @@ def main():
         grad_norm = stats.pop("grad_norm")
         logger.step(step, reward=rewards.mean(), loss=loss, entropy=entropy, **stats,
                     grad_norm=grad_norm, len=rollout.lengths.mean(), gen_tokens=int(rollout.lengths.sum()),
-                    len_wrong=tt.mean_length_wrong(rollout, rewards))
+                    len_wrong=tt.mean_length_wrong(rollout, rewards), **task.extra_metrics(rollout.texts))
         if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
-            test_acc, exact, test_entropy = tt.evaluate(model, tok, task, device, args.max_new_tokens, mb_rows)
-            logger.eval(step, test_acc, exact, entropy=test_entropy)
+            test_acc, exact, test_extra = tt.evaluate(model, tok, task, device, args.max_new_tokens, mb_rows)
+            logger.eval(step, test_acc, exact, **test_extra)
     logger.final(test_acc, exact, base_acc)
 
 

@@ -252,8 +252,8 @@ def main():
     logger.info("teacher", **record)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     mb_rows = args.micro_batch * args.group_size  # rows per forward pass, whole groups (0: the whole batch)
-    base_acc, exact, test_entropy = tt.evaluate(model, tok, task, device, args.max_new_tokens, mb_rows)
-    logger.eval(0, base_acc, exact, entropy=test_entropy)
+    base_acc, exact, test_extra = tt.evaluate(model, tok, task, device, args.max_new_tokens, mb_rows)
+    logger.eval(0, base_acc, exact, **test_extra)
     if args.grad_var_batches:
         return gradient_variance(model, tok, task, teacher, rng, device, logger, args)
 
@@ -263,10 +263,11 @@ def main():
         loss, stats, entropy, teaching = update(model, optimizer, rollout, teacher, step, args)  # rewards: only logged
         grad_norm = stats.pop("grad_norm")
         logger.step(step, reward=rewards.mean(), loss=loss, entropy=entropy, **stats,
-                    grad_norm=grad_norm, len=rollout.lengths.mean(), gen_tokens=int(rollout.lengths.sum()), **teaching)
+                    grad_norm=grad_norm, len=rollout.lengths.mean(), gen_tokens=int(rollout.lengths.sum()), **teaching,
+                    **task.extra_metrics(rollout.texts))
         if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
-            test_acc, exact, test_entropy = tt.evaluate(model, tok, task, device, args.max_new_tokens, mb_rows)
-            logger.eval(step, test_acc, exact, entropy=test_entropy)
+            test_acc, exact, test_extra = tt.evaluate(model, tok, task, device, args.max_new_tokens, mb_rows)
+            logger.eval(step, test_acc, exact, **test_extra)
     logger.final(test_acc, exact, base_acc)
 
 

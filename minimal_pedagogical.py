@@ -262,9 +262,9 @@ def main():
     copy_acc, key_rate = tt.evaluate_teacher(teacher, tok, task, device, args.max_new_tokens)
     logger.info("teacher", copy_acc=copy_acc, key_rate=key_rate)
     mb_rows = args.micro_batch * args.group_size  # rows per forward pass, whole groups (0: the whole batch)
-    base_acc, exact, test_entropy = tt.evaluate(student, tok, task, device, args.max_new_tokens, mb_rows)
+    base_acc, exact, test_extra = tt.evaluate(student, tok, task, device, args.max_new_tokens, mb_rows)
     sampled = tt.sampled_exact(student, tok, task, device, args.max_new_tokens)  # exact, temperature 1
-    logger.eval(0, base_acc, exact, entropy=test_entropy, sampled_exact=sampled)
+    logger.eval(0, base_acc, exact, **test_extra, sampled_exact=sampled)
 
     for step in range(1, args.steps + 1):
         examples = task.sample(rng, args.prompts_per_step)
@@ -288,9 +288,9 @@ def main():
                     learnability=learn.mean(), spike=spike.mean(), key_rate=is_key.mean(),
                     gate=gate, student_loss=student_loss)
         if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
-            test_acc, exact, test_entropy = tt.evaluate(student, tok, task, device, args.max_new_tokens, mb_rows)
+            test_acc, exact, test_extra = tt.evaluate(student, tok, task, device, args.max_new_tokens, mb_rows)
             sampled = tt.sampled_exact(student, tok, task, device, args.max_new_tokens)
-            logger.eval(step, test_acc, exact, entropy=test_entropy, sampled_exact=sampled)
+            logger.eval(step, test_acc, exact, **test_extra, sampled_exact=sampled)
     copy_acc, key_rate = tt.evaluate_teacher(teacher, tok, task, device, args.max_new_tokens)
     logger.info("teacher", copy_acc=copy_acc, key_rate=key_rate)
     logger.final(test_acc, exact, base_acc, sampled_exact=sampled)

@@ -1,8 +1,12 @@
 """Supervised fine-tuning (SFT): imitate a target with weight 1, the baseline every RL method is measured against.
 
 Papers: SFT on demonstrations is the first stage of every post-training recipe (Ouyang et al. 2022,
-arXiv 2203.02155); `--source best` is rejection-sampling fine-tuning: RAFT (Dong et al. 2023, arXiv
-2304.06767), RFT (Yuan et al. 2023, arXiv 2308.01825), STaR (Zelikman et al. 2022, arXiv 2203.14465).
+arXiv 2203.02155). `--source best` is online rejection sampling, one correct sample per prompt: closest to
+RFT (Yuan et al. 2023, arXiv 2308.01825), which samples k paths per question once from the SFT model and
+keeps every distinct correct one, where this file keeps the first fully right of G and samples afresh from
+the current policy for every step. RAFT (Dong et al. 2023, arXiv 2304.06767) keeps each prompt's top-reward
+sample whatever its reward, where this file keeps it only at reward 1. STaR (Zelikman et al. 2022, arXiv
+2203.14465) keeps correct rationales and fine-tunes from the base after each round; here nothing restarts.
 The same loss at scale: TRL's SFTTrainer with completion_only_loss, verl's fsdp_sft_trainer.
 Parent: minimal_pg.py.
 The change: the completion trained on is not sampled and weighted by an advantage; it is a target y*
@@ -179,8 +183,8 @@ def main():
     task, model, tok, device, logger, rng = tt.setup(args)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     mb_rows = args.micro_batch * args.group_size  # rows per forward pass, whole groups (0: the whole batch)
-    base_acc, exact, test_entropy = tt.evaluate(model, tok, task, device, args.max_new_tokens, mb_rows)
-    logger.eval(0, base_acc, exact, entropy=test_entropy)
+    base_acc, exact, test_extra = tt.evaluate(model, tok, task, device, args.max_new_tokens, mb_rows)
+    logger.eval(0, base_acc, exact, **test_extra)
 
     for step in range(1, args.steps + 1):
         examples = task.sample(rng, args.prompts_per_step)
@@ -196,10 +200,11 @@ def main():
         gen_tokens = int(sampled.lengths.sum()) if args.source == "best" else 0
         n = max(len(rewards), 1)  # what the step trained on; none (kept=0) logs 0
         logger.step(step, reward=rewards.sum() / n, loss=loss, entropy=entropy, **stats,
-                    grad_norm=grad_norm, len=rollout.lengths.sum() / n, gen_tokens=gen_tokens, nll=loss, **extra)
+                    grad_norm=grad_norm, len=rollout.lengths.sum() / n, gen_tokens=gen_tokens, nll=loss, **extra,
+                    **task.extra_metrics(rollout.texts))
         if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
-            test_acc, exact, test_entropy = tt.evaluate(model, tok, task, device, args.max_new_tokens, mb_rows)
-            logger.eval(step, test_acc, exact, entropy=test_entropy)
+            test_acc, exact, test_extra = tt.evaluate(model, tok, task, device, args.max_new_tokens, mb_rows)
+            logger.eval(step, test_acc, exact, **test_extra)
     logger.final(test_acc, exact, base_acc)
 
 

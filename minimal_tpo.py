@@ -163,8 +163,8 @@ def main():
     task, model, tok, device, logger, rng = tt.setup(args)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     mb_rows = args.micro_batch * args.group_size  # rows per forward pass, whole groups (0: the whole batch)
-    base_acc, exact, test_entropy = tt.evaluate(model, tok, task, device, args.max_new_tokens, mb_rows)
-    logger.eval(0, base_acc, exact, entropy=test_entropy)
+    base_acc, exact, test_extra = tt.evaluate(model, tok, task, device, args.max_new_tokens, mb_rows)
+    logger.eval(0, base_acc, exact, **test_extra)
 
     for step in range(1, args.steps + 1):
         examples = task.sample(rng, args.prompts_per_step)
@@ -178,10 +178,11 @@ def main():
         logger.step(step, reward=rewards.mean(), loss=loss, entropy=entropy, **stats,
                     grad_norm=grad_norm, len=rollout.lengths.mean(), gen_tokens=int(rollout.lengths.sum()),
                     len_wrong=tt.mean_length_wrong(rollout, rewards),
-                    target_entropy=torch.special.entr(q).sum(1).mean(), max_q=q.max(1).values.mean())
+                    target_entropy=torch.special.entr(q).sum(1).mean(), max_q=q.max(1).values.mean(),
+                    **task.extra_metrics(rollout.texts))
         if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
-            test_acc, exact, test_entropy = tt.evaluate(model, tok, task, device, args.max_new_tokens, mb_rows)
-            logger.eval(step, test_acc, exact, entropy=test_entropy)
+            test_acc, exact, test_extra = tt.evaluate(model, tok, task, device, args.max_new_tokens, mb_rows)
+            logger.eval(step, test_acc, exact, **test_extra)
     logger.final(test_acc, exact, base_acc)
 
 

@@ -269,8 +269,8 @@ def main():
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # the frozen base, for the KL term
     mb_rows = args.micro_batch * leaves_per_prompt(args)  # rows per forward pass, whole trees (0: all)
-    base_acc, exact, test_entropy = tt.evaluate(model, tok, task, device, args.max_new_tokens, mb_rows)
-    logger.eval(0, base_acc, exact, entropy=test_entropy)
+    base_acc, exact, test_extra = tt.evaluate(model, tok, task, device, args.max_new_tokens, mb_rows)
+    logger.eval(0, base_acc, exact, **test_extra)
 
     for step in range(1, args.steps + 1):
         examples = task.sample(rng, args.prompts_per_step)
@@ -288,10 +288,11 @@ def main():
         logger.step(step, reward=rewards.mean(), loss=loss, entropy=entropy, **stats,
                     grad_norm=grad_norm, len=rollout.lengths.mean(), gen_tokens=int(gen_tokens.sum()),
                     len_wrong=tt.mean_length_wrong(rollout, rewards), leaves=args.trees * k,
-                    dead_groups=(rewards.amax((1, 2)) == rewards.amin((1, 2))).float().mean())
+                    dead_groups=(rewards.amax((1, 2)) == rewards.amin((1, 2))).float().mean(),
+                    **task.extra_metrics(rollout.texts))
         if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
-            test_acc, exact, test_entropy = tt.evaluate(model, tok, task, device, args.max_new_tokens, mb_rows)
-            logger.eval(step, test_acc, exact, entropy=test_entropy)
+            test_acc, exact, test_extra = tt.evaluate(model, tok, task, device, args.max_new_tokens, mb_rows)
+            logger.eval(step, test_acc, exact, **test_extra)
     logger.final(test_acc, exact, base_acc)
 
 

@@ -1,13 +1,65 @@
-"""Everything that is *not* the algorithm, shared by every minimal_*.py file.
+"""Everything that is *not* the algorithm, shared by every minimal_*.py file: `import toy_tasks as tt`.
 
-Tasks and rewards, the tiny default policy and its tokenizer, the supervised warm-up that turns it
-into a "base model", batched sampling, per-token log-probs, held-out evaluation, the command line
-and the one-line step logger. Advantages, targets, gates, losses and the update itself live in the
-algorithm files, in plain sight.
-
+Advantages, targets, gates, losses and the update itself live in the method files, in plain sight.
 The default policy is a real `transformers.LlamaForCausalLM` built from a config, with a real
-`PreTrainedTokenizerFast` over the task's characters, so `--model NAME_OR_PATH` can swap in any
-Hugging Face causal LM. Nothing is downloaded unless you pass `--model` with a hub id.
+`PreTrainedTokenizerFast` over the task's characters, so `--model NAME_OR_PATH` swaps in any Hugging
+Face causal LM. Nothing is downloaded unless a flag asks (`--model` with a hub id, `--task gsm8k`).
+
+The map: every public name, in the order a step meets it, one line each (a name set further in is
+one that the name above it calls; the files call it directly only where they need it).
+
+  Settings and setup
+    parse_args(Args)               the file's dataclass of settings -> flags; each field's docstring is its help
+    field_docs(cls)                  reads those docstrings from the class source
+    check_common_args(args)        the checks every file shares: one sentence naming the flag, exit status 2
+    check_log_path(path)             --log_jsonl: creates missing folders, refuses an unwritable path
+    pick_device(name, pretrained)    --device auto: the tiny model on the CPU, a --model on CUDA, MPS, CPU
+    setup(args)                    seeds, then make_task, load_policy, Logger -> (task, model, tok, device, logger, rng)
+  Tasks
+    make_task(name, ...)           a toy task by name (TASKS, TASK_NAMES), or gsm8k from gsm8k.py
+    Example                          prompt, answer, and the privileged context only a teacher sees
+    Task                             base: held-out set, sample(rng, n), reward, rewards, attach(tok), extra_metrics
+    char_accuracy(pred, target)      per-character credit, the reward of reverse
+    ReverseTask, AddTask, TokenReversalTask   reverse, add, tokrev
+  The policy
+    load_policy(args, task, device)  the tiny Llama, warmed up, or load_pretrained(--model); task.attach(tok)
+    build_char_tokenizer(alphabet)   a real PreTrainedTokenizerFast over the task's characters
+    build_tiny_model(tok)            a 2-layer LlamaForCausalLM built from a config
+    supervised_warmup(model, ...)    teacher-forced steps on right answers: a partly competent base model
+    load_pretrained(name)            any Hugging Face causal LM and its tokenizer, float32 weights
+    no_dropout(model)                dropout off in every model a file trains or scores (TRL does the same)
+    autocast_dtype(args, device)     bfloat16 autocast for a --model on CUDA, else float32
+  One step
+    Rollout                        a batch of completions: ids, masks up to the first EOS, texts, temperature
+    rollout_groups(...)            sample group_size completions per prompt, then task.rewards -> (P, G)
+    encode(tok, texts, device)       left-padded prompt ids and mask
+    sample(model, tok, ...)          KV-cached sampling (greedy for evaluation)
+    rollout_from(ids, mask, tokens)  a Rollout from sampled tokens (also tree GRPO's joined rows)
+    completion_mask_from(ids, eos)   1 up to and including the first EOS
+    score(model, rollout, rows)    log-probs and entropies without gradient, micro-batch by micro-batch
+    micro_batches(n, rows)         row slices of whole groups; each file's update() loops over them
+    token_logprobs(model, rollout) per-token log-probs (with gradient) and entropies of one micro-batch
+    completion_logits(model, r, T)   the logits at completion positions only, divided by T
+    forward(model, ids, ...)         one forward pass under the model's autocast, completion positions kept
+    keeps_logits(model)              whether trimming the logits to those positions saves memory
+    entropy_from_logprobs(logp)      the full next-token entropy, chunked
+    masked_mean(x, mask)           a token mean over real tokens
+    BatchMetrics                   the whole batch's logged means, added up micro-batch by micro-batch
+    check_finite(value, step)      a NaN or Inf stops the run and names the step
+    mean_length_wrong(r, rewards)  the mean length of completions that are not fully right
+  Evaluation and logging
+    evaluate(model, tok, task, ...) greedy held-out decoding -> (test_acc, exact, {entropy, task columns})
+    Logger                         step / eval / final lines, and JSON lines with time_s
+    fmt(value)                       how a number is printed on a line
+    fail(message)                  stop with one sentence, exit status 2
+
+  Named for their one user (kept here because that file is at its 300-line cap)
+    minimal_pedagogical.py           KeyedReverseTask, with_prompts, copy_view, is_other_answer,
+                                     evaluate_teacher, sampled_exact
+    minimal_opd.py                   load_teacher, train_teacher, TEACHER_SEED
+    minimal_tree_grpo.py             repad
+    minimal_ppo.py                   completion_hidden
+    minimal_vpo.py                   AnswerSetTask, parse_answers, quality_brevity, SET_MARKER
 """
 import ast
 import argparse
@@ -126,10 +178,17 @@ class Task:
         acc = sum(char_accuracy(t, ex.answer) for t, ex in zip(texts, examples)) / len(examples)
         return acc, sum(t == ex.answer for t, ex in zip(texts, examples)) / len(examples)
 
-    step_extras, eval_extras = {}, {}  # what the Logger appends to step and eval lines (see Logger)
+    def attach(self, tok, max_new_tokens):
+        """Meet the policy's tokenizer before any prompt is drawn: a toy task checks that its longest
+        held-out answer fits the token budget (GSM8K writes its prompts in the tokenizer's chat template)."""
+        need = max(len(tok(ex.answer, add_special_tokens=False).input_ids) for ex in self.test) + self.ends_with_eos
+        if max_new_tokens < need:
+            fail(f"--max_new_tokens {max_new_tokens} is too small for task {self.name!r}: its answers need "
+                 f"up to {need} tokens" + (" including the end-of-sequence token" if self.ends_with_eos else ""))
 
     def extra_metrics(self, texts):
-        """Columns a task adds at the end of the step and eval lines (none for the toys)."""
+        """Columns a task adds at the end of the step and eval lines, from completions' texts (none for
+        the toys; GSM8K's `format`). The files pass them to the Logger: `**task.extra_metrics(texts)`."""
         return {}
 
 
@@ -241,157 +300,12 @@ TASK_NAMES = [*TASKS, "gsm8k"]  # gsm8k is built from data (a download or --data
 
 def make_task(name, binary=False, data="", eval_size=0):
     if name == "gsm8k":
-        return GSM8KTask(data, eval_size)
+        import gsm8k  # a real task from data: imported (with `datasets`) only when asked for
+
+        return gsm8k.GSM8KTask(data, eval_size)
     if name not in TASKS:
         fail(f"--task {name!r} is unknown; choose one of {', '.join(TASK_NAMES)}")
     return TASKS[name](binary=binary)
-
-
-# --------------------------------------------------------------------------------------------------
-# GSM8K: a real task for a real model (--task gsm8k with a pretrained --model). Grade-school word
-# problems whose reference solution ends in "#### N"; a completion is right when its final number is N.
-
-GSM8K_INSTRUCTION = 'Solve the problem step by step, then write the final answer as a number after "####".'
-NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")  # 42, -7, 1,234, $18.00, 3.5: no trailing period
-
-
-def parse_number(text):
-    """A number as written ("1,234", "$18.00", "-7") -> float; commas and "$" dropped."""
-    return float(text.replace(",", "").replace("$", ""))
-
-
-def final_answer(text):
-    """One lenient answer check, for the reward and the evaluation alike: (the completion's final number
-    or None, whether it came after "####"). The number right after the last "####" if there is one (a
-    number in reasoning written after it does not count), else the last number in the text."""
-    if "####" in text:
-        found = NUMBER.search(text.rsplit("####", 1)[1])
-        if found:
-            return parse_number(found.group()), True
-    numbers = NUMBER.findall(text)
-    return (parse_number(numbers[-1]), False) if numbers else (None, False)
-
-
-def same_number(a, b):
-    return a is not None and b is not None and abs(a - b) <= 1e-6 * max(1.0, abs(b))
-
-
-def read_gsm8k(data):
-    """The train and test records ({question, answer} dicts) of GSM8K: `openai/gsm8k`, config main, from
-    the hub (a download, only because --task gsm8k asked for it) when data is empty; else a local folder
-    holding train and test files (.jsonl, .json or .parquet, named train* and test*, as the hub's main/
-    folder is), or one such file, whose first records the caller holds out."""
-    import datasets  # imported here: slow, and only this task needs it
-
-    datasets.disable_progress_bars()
-    if not data:
-        found = datasets.load_dataset("openai/gsm8k", "main")
-        return list(found["train"]), list(found["test"])
-    kind = lambda path: {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(os.path.splitext(path)[1])
-    if os.path.isfile(data):
-        return None, list(datasets.load_dataset(kind(data), data_files=data, split="train"))
-    splits = {}
-    for split in ("train", "test"):
-        for folder in (data, os.path.join(data, "main")):
-            files = sorted(f for f in os.listdir(folder) if f.startswith(split) and kind(f)) if os.path.isdir(folder) else []
-            if files:
-                paths = [os.path.join(folder, f) for f in files]
-                splits[split] = list(datasets.load_dataset(kind(files[0]), data_files=paths, split="train"))
-                break
-    if len(splits) < 2:
-        fail(f"--data {data!r} holds no train and test files (train*.jsonl / test*.jsonl, .json or .parquet)")
-    return splits["train"], splits["test"]
-
-
-class GSM8KTask(Task):
-    """GSM8K (Cobbe et al. 2021, arXiv 2110.14168): the prompt asks for step-by-step reasoning and the
-    final answer after "####", in the tokenizer's chat template when it has one (one user turn), plain
-    text otherwise. The reward is 1 when `final_answer` equals the reference's "#### N", else 0; held-out
-    test_acc is the same check on greedy completions (exact-answer accuracy, not string match), `exact`
-    the strict share that wrote the right number after "####", and `format` the share that used "####"
-    at all. `answer` is the reference solution, calculator annotations removed (what SFT imitates);
-    `context` the same solution, a privileged teacher's hint. The held-out set is the first --eval_size
-    test problems (200: about +-7 points of noise at an accuracy near 0.4)."""
-    name = "gsm8k"
-    warmup_steps = 0  # a pretrained model is never warmed up
-    max_new_tokens = 256  # shorter budgets cut answers off (nanoRL: 0.125 at 128 against 0.34 at 256)
-    default_eval_size = 200
-
-    def __init__(self, data="", eval_size=0):
-        self.binary, self.tok = True, None
-        train, test = read_gsm8k(data)
-        records = test if train is None else train + test
-        if records and not {"question", "answer"} <= set(records[0]):
-            fail(f"--data {data!r} lacks the fields question and answer (it has {', '.join(records[0])})")
-        self.eval_size = eval_size or min(self.default_eval_size, len(test) // 2 if train is None else len(test))
-        if self.eval_size > len(test) - (train is None):
-            fail(f"--eval_size {eval_size} is larger than the test split ({len(test)} problems"
-                 + (", one file: some must stay for training)" if train is None else ")"))
-        self.train = train if train is not None else test[self.eval_size:]
-        self.test_records = test[:self.eval_size]
-        self.test = []  # filled by `attach`, once the tokenizer that writes the prompts is known
-
-    def attach(self, tok):
-        """Write every prompt with the policy's tokenizer (its chat template, if it has one)."""
-        self.tok = tok
-        self.test = [self.example(r) for r in self.test_records]
-        self.test_prompts = {ex.prompt for ex in self.test}
-
-    def prompt(self, question):
-        text = f"{question}\n{GSM8K_INSTRUCTION}"
-        if not getattr(self.tok, "chat_template", None):
-            return text + "\n"
-        prompt = self.tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                              add_generation_prompt=True)
-        # `encode` tokenizes with the tokenizer's special tokens; a template that writes the BOS itself
-        # would otherwise get a second one
-        bos = self.tok.bos_token
-        if bos and prompt.startswith(bos) and self.tok("x").input_ids[:1] == [self.tok.bos_token_id]:
-            prompt = prompt[len(bos):]
-        return prompt
-
-    def example(self, record):
-        solution = re.sub(r"<<[^>]*>>", "", record["answer"])  # "48/2 = <<48/2=24>>24" -> "48/2 = 24"
-        return Example(prompt=self.prompt(record["question"]), answer=solution, context=solution)
-
-    def sample(self, rng, n):
-        if self.tok is None:
-            raise RuntimeError("GSM8KTask.attach(tokenizer) must run before sampling prompts")
-        return [self.example(self.train[rng.randrange(len(self.train))]) for _ in range(n)]
-
-    def reward(self, text, ex):
-        return float(same_number(final_answer(text)[0], final_answer(ex.answer)[0]))
-
-    def test_metrics(self, texts, examples):
-        right = [self.reward(t, ex) for t, ex in zip(texts, examples)]
-        strict = [r * final_answer(t)[1] for r, t in zip(right, texts)]
-        return sum(right) / len(right), sum(strict) / len(strict)
-
-    def extra_metrics(self, texts):
-        return {"format": sum(final_answer(t)[1] for t in texts) / max(len(texts), 1)}
-
-    def rewards(self, texts, examples, truncated=None):
-        self.step_extras = self.extra_metrics(texts)  # the last scored batch's format share, for the step line
-        return super().rewards(texts, examples, truncated)
-
-
-def make_gsm8k_like(n, seed=0):
-    """n generated records with GSM8K's schema and shape (a word problem; a solution with <<a=b>>
-    calculator annotations and a final "#### N" line): the local stand-in the tests and the GPU benchmark
-    load through --data, so that they run the loading code a user runs, with no download. The answers
-    are small numbers, so that even a random model's last number is sometimes right."""
-    rng, names, things = random.Random(seed), ["Ann", "Bo", "Cy", "Dee", "Eli"], ["apples", "books", "coins"]
-    out = []
-    for _ in range(n):
-        who, what = rng.choice(names), rng.choice(things)
-        a, c = rng.randint(2, 9), rng.randint(0, 3)
-        b = rng.randint(1, a - 1)
-        question = (f"{who} has {a} {what}. {who} gives {b} of them to a friend, then finds {c} more. "
-                    f"How many {what} does {who} have now?")
-        answer = (f"{who} gives away {b}, so {a} - {b} = <<{a}-{b}={a - b}>>{a - b} {what} are left.\n"
-                  f"Then {a - b} + {c} = <<{a - b}+{c}={a - b + c}>>{a - b + c}.\n#### {a - b + c}")
-        out.append({"question": question, "answer": answer})
-    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -518,7 +432,7 @@ def load_pretrained(name, flag="--model"):
         tok = AutoTokenizer.from_pretrained(os.path.expanduser(name), padding_side="left")
         # float32 weights whatever the checkpoint holds (transformers 5 keeps a bfloat16 checkpoint in
         # bfloat16): the optimizer's moments and updates need them; bfloat16 is for the forward passes only
-        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(name)).float()
+        model = no_dropout(AutoModelForCausalLM.from_pretrained(os.path.expanduser(name)).float())
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         fail(f"{flag} {name!r} could not be loaded as a local folder or hub id ({first})")
@@ -527,6 +441,23 @@ def load_pretrained(name, flag="--model"):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # the completion mask is built from the first EOS, so this is safe
     return model, tok
+
+
+def no_dropout(model):
+    """Switch dropout off for good, in training mode too, as TRL does in the policy, reference, value and
+    reward models: every nn.Dropout gets p = 0, and so does every float setting named *dropout or *pdrop of
+    a module (Llama's and Qwen's attention read `attention_dropout` at each call) or of the config.
+    `load_pretrained` applies it to every --model and --teacher; the reference, the critic and a copied
+    teacher are copies of the policy, and the tiny default has no dropout. Inert on Llama and Qwen (0
+    already); a --model with dropout would otherwise get noisy ratios and a noisy KL. Returns the model."""
+    config = getattr(model, "config", None)
+    for obj in [*model.modules(), *([config] if config is not None else [])]:
+        if isinstance(obj, torch.nn.Dropout):
+            obj.p = 0.0
+        for name, value in list(vars(obj).items()):
+            if isinstance(value, float) and ("dropout" in name or name.endswith("pdrop")):
+                setattr(obj, name, 0.0)
+    return model
 
 
 def supervised_warmup(model, tok, task, steps, seed, batch=64, lr=3e-3, view=None, decay=False):
@@ -571,13 +502,7 @@ def load_policy(args, task, device):
             enable({"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if isinstance(task, GSM8KTask):
-        task.attach(tok)  # its prompts are written in this tokenizer's chat template
-        return model, tok
-    need = max(len(tok(ex.answer, add_special_tokens=False).input_ids) for ex in task.test) + task.ends_with_eos
-    if args.max_new_tokens < need:
-        fail(f"--max_new_tokens {args.max_new_tokens} is too small for task {task.name!r}: its answers need "
-             f"up to {need} tokens" + (" including the end-of-sequence token" if task.ends_with_eos else ""))
+    task.attach(tok, args.max_new_tokens)  # every task meets the policy's tokenizer here, before any prompt
     warmup_steps = task.warmup_steps if args.warmup_steps == -1 else args.warmup_steps
     if not args.model and warmup_steps > 0:
         supervised_warmup(model, tok, task, warmup_steps, args.seed)
@@ -622,14 +547,14 @@ def load_teacher(args, task, tok, student, device):
         teacher.autocast_dtype = student.autocast_dtype  # the student's precision
     else:
         teacher = train_teacher(tok, task, args.teacher_steps, args.seed, device)
-    test_acc, exact, entropy = evaluate(teacher, tok, task, device, args.max_new_tokens, args.micro_batch * args.group_size)
+    test_acc, exact, extra = evaluate(teacher, tok, task, device, args.max_new_tokens, args.micro_batch * args.group_size)
     if test_acc < args.teacher_min_acc:
         fix = "use a stronger --teacher" if args.teacher else "raise --teacher_steps"
         fail(f"the teacher's held-out accuracy is {test_acc:.3f}, below --teacher_min_acc "
              f"{args.teacher_min_acc}: {fix}")
     teacher.eval().requires_grad_(False)
     teacher.zero_grad()  # drop the training gradients: nothing flows into the teacher again
-    return teacher, {"test_acc": test_acc, "exact": exact, "entropy": entropy, "time_s": time.time() - start}
+    return teacher, {"test_acc": test_acc, "exact": exact, **extra, "time_s": time.time() - start}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -661,19 +586,6 @@ class Rollout:
         texts = [t for t, keep in zip(self.texts, rows.tolist()) if keep] if self.texts is not None else None
         return Rollout(self.prompt_ids[rows], self.prompt_mask[rows], self.completion_ids[rows],
                        self.completion_mask[rows], self.truncated[rows], texts, self.temperature)
-
-
-def cat_rollouts(parts, pad_id):
-    """Stack Rollouts sampled separately (their widths may differ): prompts stay left-padded,
-    completions right-padded, and the new padding is masked out like the old."""
-    pad = torch.nn.functional.pad
-    p, t = max(r.prompt_ids.size(1) for r in parts), max(r.completion_ids.size(1) for r in parts)
-    return Rollout(torch.cat([pad(r.prompt_ids, (p - r.prompt_ids.size(1), 0), value=pad_id) for r in parts]),
-                   torch.cat([pad(r.prompt_mask, (p - r.prompt_mask.size(1), 0)) for r in parts]),
-                   torch.cat([pad(r.completion_ids, (0, t - r.completion_ids.size(1)), value=pad_id) for r in parts]),
-                   torch.cat([pad(r.completion_mask, (0, t - r.completion_mask.size(1))) for r in parts]),
-                   torch.cat([r.truncated for r in parts]), [x for r in parts for x in r.texts],
-                   parts[0].temperature)
 
 
 def encode(tok, texts, device):
@@ -812,8 +724,7 @@ def evaluate(model, tok, task, device, max_new_tokens, rows=0):
     model.train()
     entropy = entropy / tokens.clamp(min=1)  # a token mean over the whole held-out set
     acc, exact = task.test_metrics(texts, task.test)
-    task.eval_extras = task.extra_metrics(texts)
-    return acc, exact, float(entropy)
+    return acc, exact, {"entropy": float(entropy), **task.extra_metrics(texts)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1003,12 +914,14 @@ def check_common_args(args, min_group=2):
     no --group_size (a tree counts its leaves from its own flags) and checks its group itself."""
     if args.task not in TASK_NAMES:
         fail(f"--task {args.task!r} is unknown; choose one of {', '.join(TASK_NAMES)}")
-    if args.max_new_tokens == -1:  # the task's own budget: 10 tokens for the toys, 256 for gsm8k
-        args.max_new_tokens = GSM8KTask.max_new_tokens if args.task == "gsm8k" else Task.max_new_tokens
     if args.task == "gsm8k":
-        check_gsm8k_args(args)
+        import gsm8k
+
+        gsm8k.check_args(args)  # its own budget (256 tokens), its --data and --eval_size, a --model
     elif getattr(args, "data", "") or getattr(args, "eval_size", 0):
         fail(f"--data and --eval_size apply to --task gsm8k; the {args.task} task is generated, its held-out set fixed")
+    if args.max_new_tokens == -1:  # the task's own budget: 10 tokens for the toys
+        args.max_new_tokens = Task.max_new_tokens
     for name in ("steps", "prompts_per_step", "max_new_tokens"):
         if getattr(args, name) < 1:
             fail(f"--{name} must be a positive whole number, got {getattr(args, name)}")
@@ -1042,20 +955,6 @@ def check_common_args(args, min_group=2):
         check_log_path(args.log_jsonl)
 
 
-def check_gsm8k_args(args):
-    """--task gsm8k's own checks, before any model or data loads."""
-    if not args.model:
-        fail("--task gsm8k needs a pretrained --model: the tiny default's tokenizer knows only the toy characters")
-    if args.max_new_tokens < 64:
-        fail(f"--max_new_tokens {args.max_new_tokens} is too small for --task gsm8k: reasoning is cut off "
-             "below 64 tokens (256 is the task's own budget)")
-    if args.eval_size < 0:
-        fail(f"--eval_size must not be negative, got {args.eval_size}")
-    if args.data and not os.path.exists(os.path.expanduser(args.data)):
-        fail(f"--data {args.data!r} does not exist")
-    args.data = os.path.expanduser(args.data)
-
-
 def check_log_path(path):
     """--log_jsonl: create missing parent folders (runs/a.jsonl just works), and stop before any work
     with one sentence if the file cannot be written there."""
@@ -1087,7 +986,7 @@ def setup(args, task=None):
     device = pick_device(args.device, bool(args.model))
     task = task or make_task(args.task, args.binary, getattr(args, "data", ""), getattr(args, "eval_size", 0))
     model, tok = load_policy(args, task, device)
-    logger = Logger(args.log_jsonl, task)
+    logger = Logger(args.log_jsonl)
     return task, model, tok, device, logger, random.Random(args.seed)
 
 
@@ -1103,26 +1002,26 @@ def fmt(v):
 
 
 class Logger:
-    """Prints `key=value` lines and, with --log_jsonl, writes the same records as JSON lines. A task may
-    append columns of its own to the step and eval lines (`Task.extra_metrics`; GSM8K's `format`, the
-    share of completions that wrote "####"); the toy tasks add none."""
+    """Prints `key=value` lines and, with --log_jsonl, writes the same records as JSON lines, each with
+    `time_s`, the seconds since the run began (on the printed lines only the final one has it, so that
+    the same seed prints the same lines). A task's own columns (`Task.extra_metrics`: GSM8K's `format`)
+    reach it as keyword arguments like any other metric."""
 
-    def __init__(self, jsonl_path="", task=None):
-        self.start, self.task = time.time(), task
+    def __init__(self, jsonl_path=""):
+        self.start = time.time()
         self.file = open(jsonl_path, "w") if jsonl_path else None
 
     def _emit(self, kind, record, prefix=""):
         record = {k: (float(v) if torch.is_tensor(v) else v) for k, v in record.items()}
         print(prefix + " ".join(f"{k}={fmt(v)}" for k, v in record.items()), flush=True)
         if self.file:
-            self.file.write(json.dumps({"kind": kind, **record}) + "\n")
+            self.file.write(json.dumps({"kind": kind, **record, "time_s": time.time() - self.start}) + "\n")
             self.file.flush()
 
     def step(self, step, **metrics):
-        self._emit("step", {"step": step, **metrics, **getattr(self.task, "step_extras", {})})
+        self._emit("step", {"step": step, **metrics})
 
     def eval(self, step, test_acc, exact, **extra):
-        extra = {**extra, **getattr(self.task, "eval_extras", {})}
         self._emit("eval", {"step": step, "test_acc": test_acc, "exact": exact, **extra}, prefix="eval ")
 
     def info(self, kind, **record):

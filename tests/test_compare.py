@@ -1,10 +1,16 @@
-"""compare.py: the aggregation on hand-made logs, and a tiny end-to-end comparison."""
+"""compare.py: the aggregation on hand-made logs, the log reader and mean ± std every results/ script imports,
+and a tiny end-to-end comparison."""
+import importlib.util
 import json
 import math
+import py_compile
+from pathlib import Path
 
 import pytest
 
 import compare
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_mean_std_se():
@@ -12,6 +18,47 @@ def test_mean_std_se():
     # mean 3; squared deviations 4 + 1 + 0 + 9 = 14; sample std sqrt(14/3) = 2.160247; se = std / 2
     assert mean == 3.0 and std == pytest.approx(2.160247, abs=1e-6) and se == pytest.approx(1.080123, abs=1e-6)
     assert compare.mean_std_se([0.5]) == (0.5, 0.0, 0.0)
+
+
+def test_mean_std_is_the_sample_std():
+    mean, std = compare.mean_std([1.0, 2.0, 3.0, 6.0])
+    assert mean == 3.0 and std == pytest.approx(math.sqrt(14 / 3))  # ddof 1, as mean_std_se
+    assert compare.mean_std([0.5]) == (0.5, 0.0)  # one value: no spread, not a division by zero
+    assert compare.mean_std(iter([2.0, 4.0])) == (3.0, pytest.approx(math.sqrt(2)))  # any iterable
+
+
+def test_read_log_groups_by_kind_and_read_jsonl_keeps_order(tmp_path):
+    lines = [{"kind": "teacher", "test_acc": 0.99}, {"kind": "eval", "step": 0, "test_acc": 0.5, "time_s": 0.1},
+             {"kind": "step", "step": 1, "entropy": 0.9, "time_s": 1.5}, {"kind": "step", "step": 2, "entropy": 0.8,
+             "time_s": 2.5}, {"kind": "final", "test_acc": 0.7, "exact": 0.1, "base_acc": 0.5, "time_s": 3.0}]
+    path = tmp_path / "run.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")  # a trailing blank line is skipped
+    assert compare.read_jsonl(path) == lines
+    log = compare.read_log(path)
+    assert [r["time_s"] for r in log["step"]] == [1.5, 2.5] and log["eval"][0]["step"] == 0
+    assert log["final"]["test_acc"] == 0.7 and log["teacher"] == [lines[0]]
+
+
+def test_results_scripts_compile_and_the_side_programs_left_compare():
+    scripts = [f for f in (ROOT / "results").rglob("*.py") if "real_model" not in f.parts]
+    assert {"sampler_probe.py", "benchmark.py", "summary.py", "run.py"} <= {f.name for f in scripts}
+    for f in scripts:
+        py_compile.compile(str(f), doraise=True)
+    assert not hasattr(compare, "tree_sampler_probe") and not hasattr(compare, "gpu_benchmark")
+    with pytest.raises(SystemExit):  # no longer a flag of compare.py: argparse refuses it
+        compare.main(["--gpu_benchmark"])
+
+
+def test_gpu_benchmark_reads_step_times_from_the_log(tmp_path):
+    spec = importlib.util.spec_from_file_location("benchmark", ROOT / "results" / "gpu" / "benchmark.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    lines = [{"kind": "eval", "step": 0, "test_acc": 0.0, "exact": 0.0, "time_s": 5.0}]
+    lines += [{"kind": "step", "step": i + 1, "time_s": t} for i, t in enumerate([10.0, 12.0, 13.0, 17.0])]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert benchmark.seconds_per_step(tmp_path / "a.jsonl") == 2.0  # gaps 2, 1, 4: the median; eval lines ignored
+    (tmp_path / "b.jsonl").write_text(json.dumps(lines[1]) + "\n")
+    assert benchmark.seconds_per_step(tmp_path / "b.jsonl") is None  # one step line: no gap
 
 
 def test_first_step_at_or_below_threshold():

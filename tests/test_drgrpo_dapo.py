@@ -213,7 +213,7 @@ def test_stacked_rounds_score_as_they_did_apart():
     args = SimpleNamespace(max_new_tokens=10, temperature=1.0)
     short, _ = tt.rollout_groups(model, tok, task, [tt.Example("abc=", "cba", "cba")], 2, args, "cpu")
     longer, _ = tt.rollout_groups(model, tok, task, [tt.Example("abcdab=", "badcba", "badcba")], 2, args, "cpu")
-    both = tt.cat_rollouts([short, longer], tok.pad_token_id)  # what dynamic_sample stacks rounds with
+    both = dapo.cat_rollouts([short, longer], tok.pad_token_id)  # what dynamic_sample stacks rounds with
     logp_both, _ = tt.token_logprobs(model, both)
     for part, rows in ((short, slice(0, 2)), (longer, slice(2, 4))):
         logp_part, _ = tt.token_logprobs(model, part)

@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 
+import gsm8k  # noqa: E402
 import toy_tasks as tt
 
 # ---------------------------------------------------------------------------------------------
@@ -26,11 +27,11 @@ import toy_tasks as tt
     ("twelve, or 12, then ####", 12.0, False),  # #### with no number after it: the last number before
 ])
 def test_final_answer_hard_cases(text, number, used_hash):
-    assert tt.final_answer(text) == (number, used_hash)
+    assert gsm8k.final_answer(text) == (number, used_hash)
 
 
 def test_reward_compares_numbers_not_strings():
-    task = tt.GSM8KTask.__new__(tt.GSM8KTask)  # no data needed for the reward
+    task = gsm8k.GSM8KTask.__new__(gsm8k.GSM8KTask)  # no data needed for the reward
     ex = tt.Example("q", "4 + 8 = 12 apples.\n#### 12", "")
     for text, reward in [("#### 12", 1.0), ("12.00", 1.0), ("$12", 1.0), ("#### 12.5", 0.0), ("#### 1,2", 1.0),
                          ("13 or 12", 1.0), ("12 or 13", 0.0), ("", 0.0)]:
@@ -52,7 +53,7 @@ def local(tmp_path_factory):
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
     root = tmp_path_factory.mktemp("gsm8k")
-    records = tt.make_gsm8k_like(60, seed=0)
+    records = gsm8k.make_gsm8k_like(60, seed=0)
     (root / "data").mkdir()
     write_jsonl(root / "data" / "train.jsonl", records[:40])
     write_jsonl(root / "data" / "test.jsonl", records[40:])
@@ -61,7 +62,7 @@ def local(tmp_path_factory):
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    text = [r["question"] + "\n" + r["answer"] for r in records] + [tt.GSM8K_INSTRUCTION, "user assistant"]
+    text = [r["question"] + "\n" + r["answer"] for r in records] + [gsm8k.GSM8K_INSTRUCTION, "user assistant"]
     backend.train_from_iterator(text, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>")
@@ -80,7 +81,7 @@ def test_a_local_folder_and_a_single_file_load_with_the_schema(local):
     data, one_file, _ = local
     task = tt.make_task("gsm8k", data=str(data), eval_size=5)
     assert len(task.train) == 40 and len(task.test_records) == 5  # the first 5 test problems
-    assert task.test_records[0] == tt.make_gsm8k_like(60, seed=0)[40]
+    assert task.test_records[0] == gsm8k.make_gsm8k_like(60, seed=0)[40]
     single = tt.make_task("gsm8k", data=str(one_file), eval_size=5)
     assert len(single.test_records) == 5 and len(single.train) == 55  # one file: the first records held out
     assert tt.make_task("gsm8k", data=str(data)).eval_size == 20  # 200 or, fewer here, the whole test split
@@ -95,12 +96,12 @@ def test_prompts_use_the_chat_template_once_and_solutions_drop_annotations(local
     task.attach(tok)
     ex = task.test[0]
     question = task.test_records[0]["question"]
-    assert ex.prompt == f"<|im_start|>user\n{question}\n{tt.GSM8K_INSTRUCTION}<|im_end|>\n<|im_start|>assistant\n"
-    assert "<<" not in ex.answer and ex.answer.endswith(f"#### {tt.final_answer(ex.answer)[0]:g}")
+    assert ex.prompt == f"<|im_start|>user\n{question}\n{gsm8k.GSM8K_INSTRUCTION}<|im_end|>\n<|im_start|>assistant\n"
+    assert "<<" not in ex.answer and ex.answer.endswith(f"#### {gsm8k.final_answer(ex.answer)[0]:g}")
     assert task.reward(ex.answer, ex) == 1.0  # the reference solution passes its own check
     tok.chat_template = None  # plain text without a template
     task.attach(tok)
-    assert task.test[0].prompt == f"{question}\n{tt.GSM8K_INSTRUCTION}\n"
+    assert task.test[0].prompt == f"{question}\n{gsm8k.GSM8K_INSTRUCTION}\n"
 
 
 def test_prompt_tokens_are_never_completion_tokens(local):
@@ -117,7 +118,7 @@ def test_prompt_tokens_are_never_completion_tokens(local):
 
 
 def test_metrics_test_acc_exact_and_format():
-    task = tt.GSM8KTask.__new__(tt.GSM8KTask)
+    task = gsm8k.GSM8KTask.__new__(gsm8k.GSM8KTask)
     examples = [tt.Example("q", "#### 12", "")] * 4
     texts = ["#### 12", "it is 12", "#### 13", "no idea"]
     # right: 1, 1, 0, 0 -> test_acc 0.5; right and after ####: 1 -> exact 0.25; #### used: 2 of 4
@@ -199,11 +200,11 @@ def test_a_template_that_writes_the_bos_gets_exactly_one():
     would give a second one unless the prompt drops it; a tokenizer that adds no BOS must keep it."""
     from tokenizers import processors
 
-    task = tt.GSM8KTask.__new__(tt.GSM8KTask)  # no data needed for a prompt
+    task = gsm8k.GSM8KTask.__new__(gsm8k.GSM8KTask)  # no data needed for a prompt
     task.tok = tok = tt.build_char_tokenizer(tt.ReverseTask.alphabet)  # its BOS "^" goes in front of every text
     tok.chat_template = ("{{ bos_token }}{% for m in messages %}<{{ m['content'] }}>{% endfor %}"
                          "{% if add_generation_prompt %}=>{% endif %}")
-    body = f"<abc\n{tt.GSM8K_INSTRUCTION}>=>"
+    body = f"<abc\n{gsm8k.GSM8K_INSTRUCTION}>=>"
     bos = lambda prompt: int((tt.encode(tok, [prompt], "cpu")[0] == tok.bos_token_id).sum())
     assert task.prompt("abc") == body and bos(task.prompt("abc")) == 1
     tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A", special_tokens=[])
@@ -212,10 +213,10 @@ def test_a_template_that_writes_the_bos_gets_exactly_one():
 
 @pytest.mark.slow
 def test_the_gpu_benchmark_runs_on_a_cpu_at_the_tiny_shape(run):
-    # the plumbing of `compare.py --gpu_benchmark` (model and data built locally, the recommended flags,
+    # the plumbing of results/gpu/benchmark.py (model and data built locally, the recommended flags,
     # the measuring wrapper), at a 2-layer shape on the CPU: one line per file, a failure fails the run
-    p = run("compare.py", "--gpu_benchmark", "--shape", "tiny", "--device", "cpu", "--steps", 2, "--methods", "grpo")
+    p = run("results/gpu/benchmark.py", "--shape", "tiny", "--device", "cpu", "--steps", 2, "--methods", "grpo")
     assert p.returncode == 0, p.stderr
     assert re.search(r"^grpo: [0-9.]+ s/step, peak GPU memory n/a, peak RSS [0-9.]+ GB", p.stdout, re.M), p.stdout
-    bad = run("compare.py", "--gpu_benchmark", "--device", "cpu", "--steps", 1)
+    bad = run("results/gpu/benchmark.py", "--device", "cpu", "--steps", 1)
     assert bad.returncode == 2 and "--steps 1" in bad.stderr

@@ -342,3 +342,42 @@ def test_bad_flags_fail_cleanly(run_fast, args, flag):
     assert p.returncode == 2 and p.stdout == ""  # before any work
     err = p.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {flag}") and "Traceback" not in p.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop's wiring of the two models' targets, spied on in a two-step run with two epochs and two
+# micro-batches: the critic learns towards the raw GAE returns, the policy from the whitened advantages.
+
+
+def test_critic_learns_the_raw_gae_returns_and_only_the_policy_gets_whitened_advantages(monkeypatch, run_fast):
+    seen, gae = {"gae": [], "update": [], "value_loss": [], "policy_loss": []}, ppo.gae
+
+    def spy(name, keep):  # record keep(args) before the call: an update records where its loss calls start
+        real = getattr(ppo, name)
+
+        def call(*a, **k):
+            seen[name].append(keep(a))
+            return real(*a, **k)
+        monkeypatch.setattr(ppo, name, call)
+    spy("gae", lambda a: a)
+    spy("update", lambda a: (a, len(seen["value_loss"])))
+    spy("value_loss", lambda a: a[2])  # the returns it is given
+    spy("policy_loss", lambda a: a[3])  # the advantages it is given
+    p = run_fast("minimal_ppo.py", *FAST[:2], "--warmup_steps", 10, *FAST[4:], "--epochs", 2, "--micro_batch", 2)
+    assert p.returncode == 0, p.stderr
+    assert len(seen["gae"]) == 2 and len(seen["update"]) == 4
+    moved = 0.0
+    for i, (rewards, values, mask, gamma, lam) in enumerate(seen["gae"]):
+        raw_adv, raw_returns = gae(rewards, values, mask, gamma, lam)  # what the loop got back
+        assert torch.allclose(raw_returns, (raw_adv + values) * mask)  # R_t = A_t + V_t, before whitening
+        for a, first in seen["update"][2 * i:2 * i + 2]:  # both epochs of this step
+            adv, returns, old_values = a[5], a[6], a[8]
+            assert torch.equal(old_values, values)  # the baseline the returns were built on
+            assert torch.equal(returns, raw_returns), "the critic's target is not the raw GAE return"
+            assert torch.allclose(adv, ppo.whiten(raw_adv, mask), atol=1e-6), "the policy's advantage is not whitened"
+            # and what each micro-batch's loss is given: the same tensors, row slice by row slice
+            parts = range(first, first + 2)
+            assert torch.equal(torch.cat([seen["value_loss"][j] for j in parts]), raw_returns)
+            assert torch.equal(torch.cat([seen["policy_loss"][j] for j in parts]), adv)
+        moved = max(moved, (raw_adv - ppo.whiten(raw_adv, mask)).abs().max())
+    assert moved > 0.1  # whitening moved the advantages: on a batch where it did not, nothing would show

@@ -1,4 +1,4 @@
-"""Tests of minimal_tree_grpo.py and its sampler probe (compare.py --tree_sampler, claim C1): tree values
+"""Tests of minimal_tree_grpo.py and its sampler probe (results/tree_grpo/sampler_probe.py, claim C1): tree values
 and both advantages on a hand-built tree, the limit where a tree is a group of chains, the sampler's forks,
 prefixes, re-assembled rows, old log-probs and token count on real trees, the probe's chain matching, and
 both as a user runs them."""
@@ -13,7 +13,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the minimal_*.py files live at the top
 
-import compare  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "results" / "tree_grpo"))
+import sampler_probe as probe  # noqa: E402
 import minimal_grpo as grpo  # noqa: E402
 import minimal_tree_grpo as tree  # noqa: E402
 import toy_tasks as tt  # noqa: E402
@@ -284,10 +285,10 @@ def test_gen_tokens_counts_only_sampled_tokens(monkeypatch):
 
 
 def test_first_error():
-    assert compare.first_error("dcxa", "dcba") == 2  # a wrong character
-    assert compare.first_error("dc", "dcba") == 2  # stopped early: the EOS at position 2
-    assert compare.first_error("dcbaa", "dcba") == 4  # ran on: the extra character
-    assert compare.first_error("dcba", "dcba") == 4  # correct: the EOS after the answer (never asked)
+    assert probe.first_error("dcxa", "dcba") == 2  # a wrong character
+    assert probe.first_error("dc", "dcba") == 2  # stopped early: the EOS at position 2
+    assert probe.first_error("dcbaa", "dcba") == 4  # ran on: the extra character
+    assert probe.first_error("dcba", "dcba") == 4  # correct: the EOS after the answer (never asked)
 
 
 def test_matched_chains_stop_when_the_budget_is_reached():
@@ -295,11 +296,11 @@ def test_matched_chains_stop_when_the_budget_is_reached():
     # prompt 1: budget 5: only the first (0 < 5, then 5 >= 5)
     correct = torch.tensor([[False, True, True], [False, True, False]])
     lengths = torch.full((2, 3), 5.0)
-    solved, drawn = compare.solved_with_matched_chains(correct, lengths, torch.tensor([8.0, 5.0]))
+    solved, drawn = probe.solved_with_matched_chains(correct, lengths, torch.tensor([8.0, 5.0]))
     assert solved.tolist() == [True, False] and drawn.tolist() == [2, 1]
     # chains of 3, 9, 2 tokens and a budget of 4: spent before each 0, 3, 12, so two are drawn and the
     # second counts whole (12 tokens for a budget of 4: the matching favours the chains)
-    solved, drawn = compare.solved_with_matched_chains(torch.tensor([[False, False, True]]),
+    solved, drawn = probe.solved_with_matched_chains(torch.tensor([[False, False, True]]),
                                                        torch.tensor([[3.0, 9.0, 2.0]]), torch.tensor([4.0]))
     assert solved.tolist() == [False] and drawn.tolist() == [2]
 
@@ -346,7 +347,7 @@ def test_bad_flags_fail_cleanly(run_fast, args, flag):
 
 
 def test_tree_sampler_probe_runs(run_fast):
-    p = run_fast("compare.py", "--tree_sampler", "--seeds", 1, "--repeats", 1, "--prompts", 16, "--warmup_steps", 2)
+    p = run_fast("results/tree_grpo/sampler_probe.py", "--seeds", 1, "--repeats", 1, "--prompts", 16, "--warmup_steps", 2)
     assert p.returncode == 0, p.stderr
     first, last = p.stdout.strip().splitlines()
     assert first.startswith("seed=0 tree=") and "chains_same_tokens=" in first and last.startswith("mean±std tree=")
@@ -359,7 +360,7 @@ def test_tree_sampler_probe_runs(run_fast):
 @pytest.mark.parametrize("args,flag", [(["--pool", 8], "--pool"), (["--rounds", 0], "--rounds"),
                                        (["--prompts", 0], "--prompts"), (["--seeds", -1], "--seeds")])
 def test_tree_sampler_probe_bad_flags_fail_cleanly(run_fast, args, flag):
-    p = run_fast("compare.py", "--tree_sampler", *args)
+    p = run_fast("results/tree_grpo/sampler_probe.py", *args)
     assert p.returncode != 0
     err = p.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and flag in err[0], p.stderr

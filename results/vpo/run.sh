@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # VPO's claims C1, C2 and the mechanism, 3 seeds each, one run at a time, one thread per run (compare.py
-# pins OMP_NUM_THREADS=1). Writes results/vpo/<variant>/vpo_seedS.jsonl; results/vpo/table.py reads them.
+# pins OMP_NUM_THREADS=1). Writes results/vpo/<variant>/vpo_seedS.jsonl; results/vpo/summary.py reads them.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 run() { uv run compare.py --methods vpo --own_defaults --seeds 3 --jobs 1 --out "results/vpo/$1" --extra "$2"; }

@@ -4,7 +4,7 @@ before the first position where chosen and rejected differ (the shared prefix), 
 token, and the tokens after it. Writes one JSON line per step; the run prints exactly the lines of
 `uv run minimal_dpo.py ARGS` (scoring draws no random numbers).
 
-    OMP_NUM_THREADS=1 uv run results/sftdpo/dpo_tokens.py OUT.jsonl [minimal_dpo.py flags]
+    OMP_NUM_THREADS=1 uv run results/sft_dpo/dpo_tokens.py OUT.jsonl [minimal_dpo.py flags]
 
 Each record: step, and for who in (chosen, rejected) and part in (prefix, first, after): the summed change
 of that part per pair (nats; the three add up to chosen_logp / rejected_logp), and its mean per token.

@@ -1,31 +1,31 @@
-"""The claims table of minimal_vpo.py from the logs results/vpo/claims.sh writes: mean +- sample std over
+"""The claims table of minimal_vpo.py from the logs results/vpo/run.sh writes: mean +- sample std over
 seeds of each final metric, per variant, and the paired (same seed) differences VPO - sum and VPO - GRPO.
 
-    uv run python results/vpo/table.py [results/vpo]
+    uv run python results/vpo/summary.py [results/vpo]
 """
-import json
-import math
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # compare.py
+from compare import mean_std, read_log  # noqa: E402
 
 KEYS = ["base_acc", "best@1", "test_acc", "best@9", "best@3_w1", "best@3_w0.75", "best@3_w0.5", "best@3_w0.25",
         "best@3_w0", "gold@1", "gold@3", "gold@9", "exact", "diversity", "slot1", "slot2", "slot3", "time_s"]
 
 
 def finals(folder):
-    out = []
-    for path in sorted(Path(folder).glob("vpo_seed*.jsonl")):
-        out += [r for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == "final"]
-    return out
+    """The final record of every vpo_seedS.jsonl in a folder, in seed order."""
+    return [log["final"] for log in map(read_log, sorted(Path(folder).glob("vpo_seed*.jsonl"))) if log["final"]]
 
 
 def ms(values):
-    m = sum(values) / len(values)
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    m, sd = mean_std(values)
     return f"{m:.3f} ± {sd:.3f}"
 
 
 def main():
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        return print(__doc__)
     root = Path(sys.argv[1] if len(sys.argv) > 1 else "results/vpo")
     runs = {v.name: finals(v) for v in sorted(root.iterdir()) if v.is_dir() and finals(v)}
     print("| metric | " + " | ".join(f"{v} (n={len(r)})" for v, r in runs.items()) + " |")

@@ -1,33 +1,29 @@
-"""Tables for the claims of minimal_sft.py and minimal_dpo.py from the logs results/sftdpo/claims.sh wrote
-into results/sftdpo/: `uv run results/sftdpo/summary.py [results/sftdpo]`. Mean +- sample std over seeds."""
-import json
+"""Tables for the claims of minimal_sft.py and minimal_dpo.py from the logs results/sft_dpo/run.sh wrote
+into results/sft_dpo/: `uv run results/sft_dpo/summary.py [results/sft_dpo]`. Mean +- sample std over seeds."""
 import math
 import sys
 from pathlib import Path
 
-DIR = Path(sys.argv[1] if len(sys.argv) > 1 else "results/sftdpo")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # compare.py
+from compare import mean_std, read_jsonl, read_log  # noqa: E402
+
+if {"-h", "--help"} & set(sys.argv[1:]):
+    print(__doc__)
+    sys.exit()
+DIR = Path(sys.argv[1] if len(sys.argv) > 1 else "results/sft_dpo")
 SEEDS = (0, 1, 2)
 
 
 def read(name, seed):
-    out = {"step": [], "eval": [], "final": None, "tokens": []}
-    for line in (DIR / f"{name}_seed{seed}.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if r["kind"] in ("step", "eval"):
-            out[r["kind"]].append(r)
-        elif r["kind"] == "final":
-            out["final"] = r
+    """One run's log grouped by kind, with its per-step token split (dpo_tokens.py) under "tokens" if any."""
+    out = read_log(DIR / f"{name}_seed{seed}.jsonl")
     tokens = DIR / f"{name}_tokens_seed{seed}.jsonl"
-    if tokens.exists():
-        out["tokens"] = [json.loads(x) for x in tokens.read_text().splitlines()]
+    out["tokens"] = read_jsonl(tokens) if tokens.exists() else []
     return out
 
 
 def ms(values, digits=3):
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    mean, std = mean_std([v for v in values if v is not None and not math.isnan(v)])
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
