@@ -1,4 +1,5 @@
 import contextlib
+import os
 import importlib
 import io
 import subprocess
@@ -9,6 +10,11 @@ from types import SimpleNamespace
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores: one thread each, and the same for
+    os.environ["OMP_NUM_THREADS"] = "1"  # the processes they start (oversubscribed threads spin and crawl)
+    import torch
+
+    torch.set_num_threads(1)
 sys.path.insert(0, str(ROOT))  # the minimal_*.py files and toy_tasks.py live at the top level
 
 

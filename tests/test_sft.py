@@ -1,18 +1,16 @@
 """minimal_sft.py's loop, spied on in a two-step run: the loss's normaliser counts the target's tokens
 only (each answer's characters and its EOS), never the prompt's, the padding, or one micro-batch's."""
 import pytest
-import torch
 
 import minimal_sft as sft
 import toy_tasks as tt
 
-FAST = ["--steps", 2, "--eval_every", 0, "--micro_batch", 2]
-# the demos need no competent base; a best-of-group target needs one right sample in 8 (the default base)
-SOURCES = {"demo": ["--warmup_steps", 2, "--prompts_per_step", 4], "best": ["--warmup_steps", 20, "--prompts_per_step", 8]}
+# demos: they need no competent base, and their answers are ragged. --source best trains through the same
+# update() (test_every_file.py runs it); its targets need a base that gets one of 8 samples fully right.
+FAST = ["--steps", 2, "--warmup_steps", 2, "--eval_every", 0, "--prompts_per_step", 4, "--micro_batch", 2]
 
 
-@pytest.mark.parametrize("source", list(SOURCES))
-def test_the_normaliser_counts_only_the_targets_tokens(monkeypatch, run_fast, source):
+def test_the_normaliser_counts_only_the_targets_tokens(monkeypatch, run_fast):
     updates, losses = [], []
     update, sft_loss = sft.update, sft.sft_loss
 
@@ -23,12 +21,9 @@ def test_the_normaliser_counts_only_the_targets_tokens(monkeypatch, run_fast, so
         return out
     monkeypatch.setattr(sft, "update", spy_update)
     monkeypatch.setattr(sft, "sft_loss", lambda *a: losses.append(a[3]) or sft_loss(*a))
-    p = run_fast("minimal_sft.py", *FAST, *SOURCES[source], "--source", source)
+    p = run_fast("minimal_sft.py", *FAST, "--source", "demo")
     assert p.returncode == 0, p.stderr
-    trained = 0
     for model, before, rollout, loss, first in updates:
-        if rollout.completion_ids.size(0) == 0:  # nothing kept: no loss at all
-            continue
         # the target's tokens, counted from its text: one token per character, plus the EOS it ends with
         targets = sum(len(t) + (not cut) for t, cut in zip(rollout.texts, rollout.truncated.tolist()))
         assert targets == rollout.completion_mask.sum()
@@ -42,5 +37,4 @@ def test_the_normaliser_counts_only_the_targets_tokens(monkeypatch, run_fast, so
         logp, _ = tt.score(model, rollout)
         model.load_state_dict(after)
         assert float(loss) == pytest.approx(-(logp * rollout.completion_mask).sum().item() / targets, rel=1e-5)
-        trained += 1
-    assert trained > 0
+    assert len(updates) == 2
