@@ -59,7 +59,8 @@ def test_im_end_ends_a_completion_and_counts_as_its_last_token(smollm2):
     ids, mask = tt.encode(tok, [task.test[0].prompt] * 2, "cpu")
     words = tok("#### 5", add_special_tokens=False).input_ids
     eos, pad = tok.eos_token_id, tok.pad_token_id
-    completion = torch.tensor([words + [eos] + words, words + words + words])  # the second never ends
+    n = 3 * len(words)
+    completion = torch.tensor([(words + [eos] + words * 2)[:n], words * 3])  # the second never ends
     rollout = tt.rollout_from(ids, mask, completion, tok, 1.0)
     assert rollout.lengths.tolist() == [len(words) + 1, 3 * len(words)]  # the EOS counts, what follows not
     assert rollout.truncated.tolist() == [False, True]

@@ -20,6 +20,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # toy_tasks.py, the minimal_*.py files, compare.py
 
+import gsm8k  # noqa: E402
 import toy_tasks as tt  # noqa: E402
 from compare import read_log  # noqa: E402
 
@@ -71,12 +72,12 @@ def build_benchmark_model(folder, shape):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-    records = tt.make_gsm8k_like(1000, seed=0)
+    records = gsm8k.make_gsm8k_like(1000, seed=0)
     (folder / "data").mkdir(parents=True, exist_ok=True)
     for split, part in (("train", records[:800]), ("test", records[800:])):
         (folder / "data" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    words = sorted({w for r in records for w in (r["question"] + " " + r["answer"] + " " + tt.GSM8K_INSTRUCTION).split()})
+    words = sorted({w for r in records for w in (r["question"] + " " + r["answer"] + " " + gsm8k.GSM8K_INSTRUCTION).split()})
     vocab = specials + ["user", "assistant"] + words
     vocab += [f"<x{i}>" for i in range(shape["vocab_size"] - len(vocab))]
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<|endoftext|>"))
