@@ -62,7 +62,7 @@ class Args:
     data: str = ""
     """--task gsm8k: a local folder of train and test files, or one file, in GSM8K's schema (empty: download)"""
     eval_size: int = 0
-    """--task gsm8k: held-out problems evaluated, the first of the test split (0: 200)"""
+    """held-out prompts evaluated, the first of the held-out set (0: every toy prompt; 200 for gsm8k)"""
     binary: bool = False
     """score reverse by exact match (1 or 0) instead of per-character credit"""
     model: str = ""

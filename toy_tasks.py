@@ -305,7 +305,12 @@ def make_task(name, binary=False, data="", eval_size=0):
         return gsm8k.GSM8KTask(data, eval_size)
     if name not in TASKS:
         fail(f"--task {name!r} is unknown; choose one of {', '.join(TASK_NAMES)}")
-    return TASKS[name](binary=binary)
+    task = TASKS[name](binary=binary)
+    if eval_size > len(task.test):
+        fail(f"--eval_size {eval_size} is larger than the {name} task's held-out set ({len(task.test)} prompts)")
+    if eval_size:  # a quicker, noisier evaluation: the first prompts; training still avoids every held-out one
+        task.test = task.test[:eval_size]
+    return task
 
 
 # --------------------------------------------------------------------------------------------------
@@ -918,8 +923,10 @@ def check_common_args(args, min_group=2):
         import gsm8k
 
         gsm8k.check_args(args)  # its own budget (256 tokens), its --data and --eval_size, a --model
-    elif getattr(args, "data", "") or getattr(args, "eval_size", 0):
-        fail(f"--data and --eval_size apply to --task gsm8k; the {args.task} task is generated, its held-out set fixed")
+    elif getattr(args, "data", ""):
+        fail(f"--data applies to --task gsm8k; the {args.task} task is generated")
+    if getattr(args, "eval_size", 0) < 0:
+        fail(f"--eval_size must not be negative, got {args.eval_size}")
     if args.max_new_tokens == -1:  # the task's own budget: 10 tokens for the toys
         args.max_new_tokens = Task.max_new_tokens
     for name in ("steps", "prompts_per_step", "max_new_tokens"):

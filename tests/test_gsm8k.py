@@ -139,7 +139,10 @@ OWN = {"minimal_dapo.py": ["--overlong_cache", 16, "--max_rounds", 50],  # a ran
        "minimal_opd.py": ["--teacher_min_acc", 0]}
 
 
-@pytest.mark.parametrize("script", FITTING)
+QUICK = ("minimal_grpo.py", "minimal_opd.py", "minimal_sft.py", "minimal_ppo.py")  # sampling, a teacher, no sampling, a critic
+
+
+@pytest.mark.parametrize("script", [s if s in QUICK else pytest.param(s, marks=pytest.mark.slow) for s in FITTING])
 def test_fitting_files_run_two_steps_on_gsm8k(run_fast, local, script):
     data, _, model = local
     args = TWO_STEPS + ["--data", data, "--model", model] + OWN.get(script, [])
@@ -191,8 +194,8 @@ def test_data_without_the_schema_and_the_tiny_default_are_refused(run_fast, loca
     assert p.returncode == 2 and "lacks the fields question and answer" in p.stderr
     p = run_fast("minimal_grpo.py", "--task", "gsm8k", "--data", tmp_path / "bad")
     assert p.returncode == 2 and p.stderr.startswith("error: --task gsm8k needs a pretrained --model")
-    p = run_fast("minimal_grpo.py", "--eval_size", 10)
-    assert p.returncode == 2 and p.stderr.startswith("error: --data and --eval_size apply to --task gsm8k")
+    p = run_fast("minimal_grpo.py", "--data", tmp_path / "bad")
+    assert p.returncode == 2 and p.stderr.startswith("error: --data applies to --task gsm8k")
 
 
 def test_a_template_that_writes_the_bos_gets_exactly_one():

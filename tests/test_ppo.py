@@ -3,22 +3,16 @@ whitening, the clipped value loss on both sides, explained variance, the limit w
 GRPO's, the critic (which state it reads, no vocabulary logits, its two starts, a model it cannot fit),
 micro-batches of both models, and the file run as a user runs it."""
 import random
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the minimal_*.py files live at the top
+import minimal_grpo as grpo
+import minimal_ppo as ppo
+import toy_tasks as tt
+from conftest import (FAST, SHARED_KEYS, SHORT, assert_same_update, gradient_and_log, ragged_rollout, step_line,
+                      tiny_policy)
 
-import microbatch as mbt  # noqa: E402
-import minimal_grpo as grpo  # noqa: E402
-import minimal_ppo as ppo  # noqa: E402
-import toy_tasks as tt  # noqa: E402
-
-FAST = ["--steps", 2, "--warmup_steps", 2, "--eval_every", 0, "--prompts_per_step", 4]
-SHARED_KEYS = ["step", "reward", "loss", "entropy", "ratio", "clip_frac", "kl", "grad_norm", "len",
-               "gen_tokens"]
 OWN_KEYS = ["len_wrong", "value_loss", "vf_clip_frac", "explained_var", "value"]
 
 
@@ -177,8 +171,8 @@ def critic_for(model, init="base", seed=0):
 
 
 def test_the_critic_reads_the_state_before_each_token():
-    task, tok, model = mbt.tiny_policy()
-    rollout, _ = mbt.ragged_rollout(tok, task, 2, 2)
+    task, tok, model = tiny_policy()
+    rollout, _ = ragged_rollout(tok, task, 2, 2)
     critic = critic_for(model)
     torch.nn.init.normal_(critic.head.weight)
     with torch.no_grad():
@@ -197,7 +191,7 @@ def test_the_critic_reads_the_state_before_each_token():
 
 
 def test_the_critic_computes_no_vocabulary_logits_and_draws_no_random_numbers():
-    task, tok, model = mbt.tiny_policy()
+    task, tok, model = tiny_policy()
     state = torch.get_rng_state()
     base, scratch = critic_for(model, "base"), critic_for(model, "scratch")
     assert torch.equal(torch.get_rng_state(), state)  # the prompts and samples stay those of the parent's run
@@ -206,7 +200,7 @@ def test_the_critic_computes_no_vocabulary_logits_and_draws_no_random_numbers():
     for critic in (base, scratch):  # the backbone and a (hidden -> 1) head, no LM head
         assert sum(p.numel() for p in critic.parameters()) == backbone + hidden + 1
         assert (critic.head.weight == 0).all() and (critic.head.bias == 0).all()
-    rollout, _ = mbt.ragged_rollout(tok, task, 2, 2)
+    rollout, _ = ragged_rollout(tok, task, 2, 2)
     assert (base.score(rollout) == 0).all()  # a zero head: V = 0 before the first update
     pairs = list(zip(model.base_model.parameters(), base.backbone.parameters(), scratch.backbone.parameters()))
     assert all(torch.equal(p, b) and p.data_ptr() != b.data_ptr() for p, b, _ in pairs)  # a copy, not shared
@@ -242,8 +236,8 @@ P, G = 3, 4
 
 
 def ppo_batch():
-    task, tok, model = mbt.tiny_policy()
-    rollout, _ = mbt.ragged_rollout(tok, task, P, G)
+    task, tok, model = tiny_policy()
+    rollout, _ = ragged_rollout(tok, task, P, G)
     critic = critic_for(model)
     torch.nn.init.normal_(critic.head.weight, std=0.3)
     torch.manual_seed(1)
@@ -262,8 +256,8 @@ def compare_micro_batches(model, critic, run):
     results = {}
     for mb in (0, 1, 2):
         args = ppo.Args(group_size=G, prompts_per_step=P, micro_batch=mb, max_grad_norm=1e9)
-        results[mb] = mbt.gradient_and_log(both, lambda opt: run(opt, args))
-    return mbt.assert_same_update(results)
+        results[mb] = gradient_and_log(both, lambda opt: run(opt, args))
+    return assert_same_update(results)
 
 
 def test_ppo_micro_batches_are_exact_for_both_models(monkeypatch):
@@ -281,36 +275,12 @@ def test_ppo_micro_batches_are_exact_for_both_models(monkeypatch):
 # The file as a user runs it.
 
 
-def step_line(p, step=1):
-    assert p.returncode == 0, p.stderr
-    line = next(line for line in p.stdout.splitlines() if line.startswith(f"step={step} "))
-    return dict(kv.split("=") for kv in line.split())
-
-
-def test_two_steps_end_to_end(run_fast):
-    p = run_fast("minimal_ppo.py", *FAST)
+def test_two_steps_end_to_end(short_run):
+    p = short_run("minimal_ppo.py", *SHORT["ppo"])
     lines = p.stdout.strip().splitlines()
     assert list(step_line(p, 2)) == SHARED_KEYS + OWN_KEYS  # the shared keys first, the method's own after
     assert step_line(p)["value"] == "0.0000"  # the head starts at zero
     assert lines[-1].startswith("final test_acc=") and " time_s=" in lines[-1]
-
-
-@pytest.mark.parametrize("extra", [[], ["--group_size", 2, "--critic_init", "scratch"]])
-def test_one_step_with_micro_batches_prints_the_same_line(run_fast, extra):
-    args = ["--steps", 2, "--warmup_steps", 2, "--eval_every", 0, "--prompts_per_step", 4, *extra]
-    whole, split = run_fast("minimal_ppo.py", *args), run_fast("minimal_ppo.py", *args, "--micro_batch", 1)
-    for step in (1, 2):  # step 2 uses the critic trained at step 1, and its non-zero values
-        a, b = step_line(whole, step), step_line(split, step)
-        for key in ("loss", "grad_norm", "ratio", "clip_frac", "entropy", "value_loss", "vf_clip_frac",
-                    "explained_var", "value"):
-            assert float(b[key]) == pytest.approx(float(a[key]), rel=5e-4, abs=1e-4), (step, key)
-
-
-def test_same_seed_same_lines(run_fast):
-    args = ["--steps", 3, "--warmup_steps", 3, "--eval_every", 2, "--prompts_per_step", 4]
-    a, b, c = (run_fast("minimal_ppo.py", *args, *s) for s in ([], [], ["--seed", 1]))
-    strip = lambda out: [ln.split(" time_s=")[0] for ln in out.splitlines()]
-    assert a.returncode == 0 and strip(a.stdout) == strip(b.stdout) and strip(c.stdout) != strip(a.stdout)
 
 
 def test_first_batch_is_grpos_when_the_budget_is(run_fast):
@@ -321,27 +291,11 @@ def test_first_batch_is_grpos_when_the_budget_is(run_fast):
 
 
 def test_pretrained_model_from_a_local_folder(run_fast, tmp_path):
-    task, tok, model = mbt.tiny_policy()
+    task, tok, model = tiny_policy()
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     p = run_fast("minimal_ppo.py", "--model", tmp_path, *FAST, "--critic_init", "scratch")
     assert p.returncode == 0, p.stderr
-
-
-@pytest.mark.parametrize("args,flag", [
-    (["--vf_coef=-0.1"], "--vf_coef"),
-    (["--lam", "1.5"], "--lam"),
-    (["--gamma=-0.1"], "--gamma"),
-    (["--vf_clip", "0"], "--vf_clip"),
-    (["--critic_init", "reward_model"], "--critic_init"),
-    (["--group_size", "0"], "--group_size"),
-    (["--beta=-0.1"], "--beta"),
-])
-def test_bad_flags_fail_cleanly(run_fast, args, flag):
-    p = run_fast("minimal_ppo.py", *args)
-    assert p.returncode == 2 and p.stdout == ""  # before any work
-    err = p.stderr.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"error: {flag}") and "Traceback" not in p.stderr
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,13 +317,6 @@ def test_critic_learns_the_raw_gae_returns_and_only_the_policy_gets_whitened_adv
     spy("update", lambda a: (a, len(seen["value_loss"])))
     spy("value_loss", lambda a: a[2])  # the returns it is given
     spy("policy_loss", lambda a: a[3])  # the advantages it is given
-    setup = tt.setup
-
-    def short_setup(*a, **k):  # 32 held-out prompts: the evaluation plays no part here
-        out = setup(*a, **k)
-        out[0].test = out[0].test[:32]
-        return out
-    monkeypatch.setattr(tt, "setup", short_setup)
     p = run_fast("minimal_ppo.py", *FAST, "--epochs", 2, "--micro_batch", 2)
     assert p.returncode == 0, p.stderr
     assert len(seen["gae"]) == 2 and len(seen["update"]) == 4

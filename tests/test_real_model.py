@@ -5,18 +5,16 @@ a finite loss, and --micro_batch 1 giving the whole batch's gradient on these we
 and a half on two cores when the model folder is there, plus about a minute to make it the first time."""
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT
 import gsm8k
-import microbatch as mbt
 import minimal_grpo as grpo
 import toy_tasks as tt
+from conftest import ROOT, assert_same_update, gradient_and_log
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("real_model")]  # one worker: the model is made and loaded once
 MODEL = ROOT / "models" / "SmolLM2-135M-Instruct"
 DATA = ROOT / "results" / "real_model" / "data"
 TINY = ["--model", MODEL, "--task", "gsm8k", "--data", DATA, "--eval_size", 2, "--steps", 2, "--eval_every", 0,
@@ -111,8 +109,8 @@ def test_micro_batch_one_gives_the_whole_batch_gradient_on_real_weights(smollm2)
 
     def run(mb):
         a = grpo.Args(**{**vars(args), "micro_batch": mb})
-        return mbt.gradient_and_log(model, lambda opt: grpo.update(model, opt, rollout, adv, old, ref, 1, a))
+        return gradient_and_log(model, lambda opt: grpo.update(model, opt, rollout, adv, old, ref, 1, a))
 
-    worst = mbt.assert_same_update({0: run(0), 1: run(1)}, rtol=1e-4)
+    worst = assert_same_update({0: run(0), 1: run(1)}, rtol=1e-4)
     print(f"real weights, --micro_batch 1: relative gradient difference {worst:.1e}")
     model.zero_grad(set_to_none=True)

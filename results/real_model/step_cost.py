@@ -11,7 +11,6 @@ evaluation is not timed (--eval_every 0 and a 2-problem held-out set).
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -50,7 +49,8 @@ def child(steps, micro_batch):
     step_s, sample_s = (ends[-1] - ends[0]) / n, sum(c[0] for c in calls[2:2 + n]) / n
     step_cpu = (cpu_at[2 + n - 1] - cpu_at[2]) / (n - 1) if n > 1 else float("nan")  # sample call to sample call
     sample_cpu = sum(c[1] for c in calls[2:2 + n]) / n
-    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
+    # VmHWM: this process's own peak (ru_maxrss would carry over a parent's across exec), kB
+    peak_gb = int(next(x.split()[1] for x in open("/proc/self/status") if x.startswith("VmHWM"))) / 2**20
     print("RESULT " + json.dumps({"micro_batch": micro_batch, "steps": n, "step_s": step_s,
                                   "sample_s": sample_s, "score_update_s": step_s - sample_s,
                                   "step_cpu_s": step_cpu, "sample_cpu_s": sample_cpu,

@@ -1,101 +1,21 @@
-"""Tests of minimal_drgrpo.py and minimal_dapo.py: each change from GRPO against hand-worked numbers,
-the limit where Dr. GRPO and GRPO coincide, DAPO's dynamic sampling with a stand-in sampler, and both
-files run end to end as a user would run them."""
+"""Tests of minimal_dapo.py: clip-higher, the token-mean loss and the overlong ramp against hand-worked
+numbers, dynamic sampling with a stand-in sampler, the overlong-shaped advantage in the main loop, and the
+file run as a user runs it. (Flat groups, the reference clipped surrogate, micro-batches and a
+per-micro-batch token mean, repeatability and bad flags: test_every_file.py.)"""
 import random
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the minimal_*.py files live at the top
-
-import minimal_dapo as dapo  # noqa: E402
-import minimal_drgrpo as drgrpo  # noqa: E402
-import minimal_grpo as grpo  # noqa: E402
-import toy_tasks as tt  # noqa: E402
-
-FAST = ["--steps", 2, "--warmup_steps", 2, "--eval_every", 0, "--prompts_per_step", 4]
-SHARED_KEYS = ["step", "reward", "loss", "entropy", "ratio", "clip_frac", "kl", "grad_norm", "len",
-               "gen_tokens"]
+import minimal_dapo as dapo
+import minimal_grpo as grpo
+import toy_tasks as tt
+from conftest import SHARED_KEYS, SHORT, Spy, check_epochs, check_update_in_situ, score, tiny_policy
 
 
-# ---------------------------------------------------------------------------------------------
-# Dr. GRPO: the two changes, on numbers worked out by hand.
-
-
-def test_drgrpo_advantage_is_centred_not_scaled():
-    # r = [1, 0, 0, 0]: mean 0.25, so A = [0.75, -0.25, -0.25, -0.25] (GRPO: [1.73, -0.58, ...]).
-    # r = [0.51, 0.5, 0.5, 0.5]: mean 0.5025, A = [0.0075, -0.0025, ...]: a tiny gap stays tiny,
-    # where GRPO's 1/std blows it up to the same [1.73, -0.58, ...] as the large gap.
-    adv = drgrpo.group_advantages(torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.51, 0.5, 0.5, 0.5],
-                                                [0.3, 0.3, 0.3, 0.3]]))
-    assert torch.allclose(adv[0], torch.tensor([0.75, -0.25, -0.25, -0.25]))
-    assert torch.allclose(adv[1], torch.tensor([0.0075, -0.0025, -0.0025, -0.0025]), atol=1e-6)
-    assert torch.equal(adv[2], torch.zeros(4))  # no signal when the group agrees
-
-
-@pytest.mark.parametrize("module", [drgrpo, dapo])
-def test_flat_group_advantage_is_exactly_zero(module):
-    # equal rewards whose float32 mean is one rounding step off (see test_foundation.RESIDUE_GROUPS)
-    rewards = torch.tensor([[0.6] * 8, [1 / 3] * 8, [5 / 6] * 8])
-    assert (rewards - rewards.mean(1, keepdim=True)).abs().amax(1).min() > 0
-    assert torch.equal(module.group_advantages(rewards), torch.zeros(3, 8))
-
-
-def test_drgrpo_constant_length_aggregation():
-    per_token = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
-    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
-    # token sums 1 + 2 = 3 and 4, each over L_max = 4: (3/4 + 4/4) / 2 = 0.875
-    assert drgrpo.aggregate(per_token, mask, max_len=4, n=2).item() == pytest.approx(0.875)
-    # GRPO divides by each completion's own length instead: (3/2 + 4/1) / 2 = 2.75
-    assert grpo.aggregate(per_token, mask, n=2).item() == pytest.approx(2.75)
-
-
-def test_drgrpo_every_token_gets_the_same_weight():
-    # ratio 1 (first epoch), A = [+1, -1], lengths 2 and 1, L_max = 4, two completions.
-    # loss = -(1 * 2 / 4 - 1 * 1 / 4) / 2 = -0.125; d loss / d logp_t = -A_i / (L_max * N) = -A_i / 8
-    # for every token, whatever the length of its completion. GRPO: -A_i / (|y_i| * N) = -1/4 and +1/2.
-    logp = torch.zeros(2, 2, requires_grad=True)
-    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
-    loss, _ = drgrpo.policy_loss(logp, logp.detach(), logp.detach(), torch.tensor([1.0, -1.0]), mask,
-                                 clip_eps=0.2, beta=0.0, max_len=4, n=2)
-    assert loss.item() == pytest.approx(-0.125)
-    loss.backward()
-    assert torch.allclose(logp.grad, torch.tensor([[-0.125, -0.125], [0.125, 0.0]]))
-
-
-def test_drgrpo_equals_grpo_in_the_limit():
-    """The limit where the two coincide: every completion exactly L_max tokens long (so GRPO's 1/|y_i|
-    is Dr. GRPO's 1/L_max), every group's rewards with population std exactly 1 (so GRPO's z-score is
-    r - mean(r) divided by 1 + eps), and beta = 0. The clipped surrogate is positively homogeneous in A,
-    so GRPO's loss and gradient are Dr. GRPO's divided by (1 + eps): identical with eps = 0, and within
-    1e-4 with GRPO's default eps. This holds at any ratio, clipped or not."""
-    length = 5
-    rewards = torch.tensor([[2.0, 0.0, 2.0, 0.0], [3.0, 1.0, 1.0, 3.0]])  # means 1 and 2, deviations +-1
-    assert torch.allclose(rewards.std(1, unbiased=False), torch.ones(2))
-    torch.manual_seed(0)
-    old = torch.randn(8, length)
-    logp_dr = (old + 0.3 * torch.randn(8, length)).requires_grad_()  # ratios spread across the clip band
-    logp_grpo = logp_dr.detach().clone().requires_grad_()
-    mask = torch.ones(8, length)
-    loss_dr, _ = drgrpo.policy_loss(logp_dr, old, old, drgrpo.group_advantages(rewards).view(-1), mask,
-                                    clip_eps=0.2, beta=0.0, max_len=length, n=8)
-    loss_grpo, stats = grpo.policy_loss(logp_grpo, old, old, grpo.group_advantages(rewards, eps=0.0).view(-1),
-                                        mask, clip_eps=0.2, beta=0.0, n=8)
-    assert 0 < stats["clip_frac"].item() < 1  # the clip is active on some tokens, not all
-    assert loss_grpo.item() == pytest.approx(loss_dr.item(), rel=1e-6)
-    loss_dr.backward()
-    loss_grpo.backward()
-    assert torch.allclose(logp_grpo.grad, logp_dr.grad, atol=1e-7)
-    # with GRPO's default eps = 1e-4 the losses differ by exactly the factor 1 + eps
-    loss_eps, _ = grpo.policy_loss(logp_grpo, old, old, grpo.group_advantages(rewards).view(-1), mask, 0.2, 0.0, 8)
-    assert loss_eps.item() * (1 + 1e-4) == pytest.approx(loss_dr.item(), rel=1e-6)
-
-
-# ---------------------------------------------------------------------------------------------
-# DAPO: clip-higher, token-mean loss, overlong shaping and dynamic sampling.
+# ---------------------------------------------------------------------------------------------------------
+# Clip-higher, token-mean loss, overlong shaping and dynamic sampling.
 
 
 def test_dapo_asymmetric_clip_at_both_edges():
@@ -206,10 +126,7 @@ def test_dynamic_sampling_honours_its_cap(monkeypatch, capsys):
 
 def test_stacked_rounds_score_as_they_did_apart():
     """Padding two real rounds to a common width must not change a single log-prob."""
-    torch.manual_seed(0)
-    task = tt.make_task("reverse")
-    tok = tt.build_char_tokenizer(task.alphabet)
-    model = tt.build_tiny_model(tok)
+    task, tok, model = tiny_policy(warmup=0)
     args = SimpleNamespace(max_new_tokens=10, temperature=1.0)
     short, _ = tt.rollout_groups(model, tok, task, [tt.Example("abc=", "cba", "cba")], 2, args, "cpu")
     longer, _ = tt.rollout_groups(model, tok, task, [tt.Example("abcdab=", "badcba", "badcba")], 2, args, "cpu")
@@ -223,30 +140,43 @@ def test_stacked_rounds_score_as_they_did_apart():
         assert both.completion_mask[rows, t:].sum() == 0  # the new padding is masked out
 
 
-# ---------------------------------------------------------------------------------------------
-# Both files as a user runs them.
+# ---------------------------------------------------------------------------------------------------------
+# The main loop, spied on in a two-step run (--epochs 2 --temperature 0.7): the update trains on the
+# overlong-shaped advantage, against pi_old frozen for both epochs.
 
 
-@pytest.mark.parametrize("script,extra", [("minimal_drgrpo.py", ["len_wrong"]),
-                                          ("minimal_dapo.py", ["len_wrong", "kept", "rounds", "overlong"])])
-def test_two_steps_end_to_end(run_fast, script, extra):
-    p = run_fast(script, *FAST)
+def test_dapo_trains_on_the_overlong_shaped_advantage(monkeypatch, run_fast):
+    spy = Spy(monkeypatch)
+    spy.sampler(dapo, "dynamic_sample")
+    spy.record(dapo, "update")
+    p = run_fast("minimal_dapo.py", *SHORT["dapo"], "--epochs", 2, "--temperature", 0.7)
+    assert p.returncode == 0, p.stderr
+    shaped = 0
+    for step, sampled in zip((1, 2), spy.samples):
+        calls = [c[0] for c in spy.calls["update"] if c[0][5] == step]
+        check_epochs(calls, 2, frozen=(2, 3, 4))
+        model, _, rollout, adv, old_logp, _, _ = calls[0]
+        kept, rewards, _ = sampled["out"]
+        assert model is spy.live and rollout is kept
+        assert torch.allclose(old_logp, score(sampled["before"], rollout), atol=1e-6)
+        # R = r + R_len(|y|) with L_max 10 and L_cache 3: a longer completion of the same task reward
+        # gets a lower advantage
+        penalty = dapo.overlong_penalty(rollout.lengths, 10, 3).view_as(rewards)
+        assert torch.equal(adv, dapo.group_advantages(rewards + penalty).view(-1))
+        shaped += int((penalty.amax(1) > penalty.amin(1)).sum())
+        for a, out, before in [c for c in spy.calls["update"] if c[0][5] == step]:
+            check_update_in_situ("dapo", before, rollout, adv, old_logp, old_logp, out)
+    assert shaped > 0  # some group's completions were penalised differently: the shaping moved advantages
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The file as a user runs it.
+
+
+def test_two_steps_end_to_end(short_run):
+    p = short_run("minimal_dapo.py", *SHORT["dapo"])
     assert p.returncode == 0, p.stderr
     lines = p.stdout.strip().splitlines()
     keys = [kv.split("=")[0] for kv in lines[1].split()]
-    assert keys == SHARED_KEYS + extra  # the shared keys first, the method's own after them
+    assert keys == SHARED_KEYS + ["len_wrong", "kept", "rounds", "overlong"]  # the shared keys first, the method's own after them
     assert lines[-1].startswith("final") and "test_acc=" in lines[-1]
-
-
-@pytest.mark.parametrize("script,args,flag", [
-    ("minimal_drgrpo.py", ["--beta", "-0.1"], "--beta"),  # the flag whose default Dr. GRPO changes
-    ("minimal_dapo.py", ["--clip_eps_high", "0.1"], "--clip_eps_high"),  # below eps_low: not clip-higher
-    ("minimal_dapo.py", ["--max_rounds", "0"], "--max_rounds"),
-    ("minimal_dapo.py", ["--overlong_cache", "10"], "--overlong_cache"),  # the whole budget would be penalised
-])
-def test_bad_method_flags_fail_cleanly(run_fast, script, args, flag):
-    p = run_fast(script, *args)
-    assert p.returncode == 2
-    err = p.stderr.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error:") and flag in err[0], p.stderr
-    assert "Traceback" not in p.stderr and p.stdout == ""
