@@ -93,10 +93,13 @@ def run_main(script, *args, held_out=HELD_OUT):
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items):
     """test_every_file.py's watched runs (one per file, read by several tests) go to one xdist worker each,
-    so each file's is run once: the tests that read it share an xdist_group (with --dist loadgroup)."""
+    so each file's is run once: the tests that read it share an xdist_group (with --dist loadgroup).
+    The slow tests (minutes each) are handed out first and the quick ones (seconds) fill in after them,
+    so that neither worker is left with a long test at the end while the other waits."""
     for item in items:
         if "saved_models" in getattr(item, "fixturenames", ()) and "name" in getattr(item, "callspec", SimpleNamespace(params={})).params:
             item.add_marker(pytest.mark.xdist_group(f"watched_{item.callspec.params['name']}"))
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: each keeps its order
 
 
 @pytest.fixture

@@ -1062,7 +1062,19 @@ def test_two_steps_on_tokrev(run_fast, script):
 
 # ---------------------------------------------------------------------------------------------------------
 # The default command of every minimal_*.py learns (slow): base at or below 0.6, final test_acc >= 0.90, or
-# the file's own floor. Run in this process, once each.
+# the file's own floor. Run in this process, once each, with --eval_every 0: the evaluations in between
+# draw nothing from the training stream (greedy decoding; VPO's and sampled_exact's fork their own), so
+# the step lines and the final line are the default command's, without the evaluations between.
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_evaluating_between_steps_changes_no_training_line(short_run, run_fast, name):
+    """What lets the default runs below skip the evaluations in between."""
+    steps = lambda p: [ln for ln in strip_time(p.stdout) if not ln.startswith(("eval ", "teacher "))]
+    script = f"minimal_{name}.py"
+    every = run_fast(script, *SHORT[name], "--eval_every", 1)
+    assert every.returncode == 0 and sum(ln.startswith("eval step=1 ") for ln in every.stdout.splitlines()) == 1
+    assert steps(every) == steps(short_run(script, *SHORT[name]))
 
 
 def final_metrics(stdout):
@@ -1091,7 +1103,7 @@ FLOOR = {"minimal_pg.py": 0.85, "minimal_opd.py": 0.95, "minimal_vpo.py": 0.60, 
 @pytest.mark.slow
 @pytest.mark.parametrize("script", ALL_SCRIPTS)
 def test_default_run_learns(run_fast, script):
-    p = run_fast(script, held_out=None)  # the default command exactly, its whole held-out set
+    p = run_fast(script, "--eval_every", 0, held_out=None)  # the whole held-out set, at the start and the end
     assert p.returncode == 0, p.stderr
     m = final_metrics(p.stdout)
     assert m["base_acc"] <= 0.6 and m["test_acc"] >= FLOOR.get(script, 0.90), m
