@@ -1067,6 +1067,7 @@ def test_two_steps_on_tokrev(run_fast, script):
 # the step lines and the final line are the default command's, without the evaluations between.
 
 
+@pytest.mark.slow  # it backs the slow default runs below
 @pytest.mark.parametrize("name", NAMES)
 def test_evaluating_between_steps_changes_no_training_line(short_run, run_fast, name):
     """What lets the default runs below skip the evaluations in between."""
