@@ -203,8 +203,6 @@ def check_args(args):
     if args.max_new_tokens < 64:
         fail(f"--max_new_tokens {args.max_new_tokens} is too small for --task gsm8k: reasoning is cut off "
              "below 64 tokens (256 is the task's own budget)")
-    if args.eval_size < 0:
-        fail(f"--eval_size must not be negative, got {args.eval_size}")
     if args.data and not os.path.exists(os.path.expanduser(args.data)):
         fail(f"--data {args.data!r} does not exist")
     args.data = os.path.expanduser(args.data)

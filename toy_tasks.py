@@ -922,7 +922,7 @@ def check_common_args(args, min_group=2):
     if args.task == "gsm8k":
         import gsm8k
 
-        gsm8k.check_args(args)  # its own budget (256 tokens), its --data and --eval_size, a --model
+        gsm8k.check_args(args)  # its own budget (256 tokens), its --data, a --model
     elif getattr(args, "data", ""):
         fail(f"--data applies to --task gsm8k; the {args.task} task is generated")
     if getattr(args, "eval_size", 0) < 0:
