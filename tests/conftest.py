@@ -12,6 +12,7 @@ import contextlib
 import copy
 import hashlib
 import importlib
+import importlib.util
 import io
 import json
 import os
@@ -88,6 +89,14 @@ def run_main(script, *args, held_out=HELD_OUT):
     finally:
         sys.argv, tt.setup = argv, setup
     return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+def load_script(path):
+    """Import a script that is not on the path (results/gpu/benchmark.py) as a module, by its file."""
+    spec = importlib.util.spec_from_file_location(Path(path).stem, ROOT / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.hookimpl(tryfirst=True)

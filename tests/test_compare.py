@@ -1,16 +1,13 @@
 """compare.py: the aggregation on hand-made logs, the log reader and mean ± std every results/ script imports,
 and a tiny end-to-end comparison."""
-import importlib.util
 import json
 import math
 import py_compile
-from pathlib import Path
 
 import pytest
 
 import compare
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT, load_script
 
 
 def test_mean_std_se():
@@ -50,9 +47,7 @@ def test_results_scripts_compile_and_the_side_programs_left_compare():
 
 
 def test_gpu_benchmark_reads_step_times_from_the_log(tmp_path):
-    spec = importlib.util.spec_from_file_location("benchmark", ROOT / "results" / "gpu" / "benchmark.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = load_script("results/gpu/benchmark.py")
     lines = [{"kind": "eval", "step": 0, "test_acc": 0.0, "exact": 0.0, "time_s": 5.0}]
     lines += [{"kind": "step", "step": i + 1, "time_s": t} for i, t in enumerate([10.0, 12.0, 13.0, 17.0])]
     (tmp_path / "a.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
@@ -113,11 +108,10 @@ def test_cumulative_tokens_and_mixed_metrics(tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_comparison_end_to_end(run, tmp_path):
-    p = run("compare.py", "--methods", "pg,grpo", "--seeds", 1, "--steps", 2, "--out", tmp_path, "--x", "gen_tokens",
-            "--extra", "--warmup_steps 2 --eval_every 1 --prompts_per_step 4")
-    assert p.returncode == 0, p.stderr
-    assert "pg: cannot share --epochs" in p.stdout
+def test_tiny_comparison_end_to_end(capsys, tmp_path):
+    compare.main(["--methods", "pg,grpo", "--seeds", 1, "--steps", 2, "--out", tmp_path, "--x", "gen_tokens",
+                  "--extra", "--warmup_steps 2 --eval_every 1 --prompts_per_step 4 --eval_size 32"])
+    assert "pg: cannot share --epochs" in capsys.readouterr().out
     assert (tmp_path / "compare.png").stat().st_size > 10_000
     table = (tmp_path / "compare.md").read_text()
     assert table.count("\n") == 4 and "| pg |" in table and "| grpo |" in table

@@ -10,6 +10,7 @@ import torch
 
 import gsm8k  # noqa: E402
 import toy_tasks as tt
+from conftest import load_script
 
 # ---------------------------------------------------------------------------------------------
 # The answer check: one lenient rule for the reward and the evaluation.
@@ -215,11 +216,13 @@ def test_a_template_that_writes_the_bos_gets_exactly_one():
 
 
 @pytest.mark.slow
-def test_the_gpu_benchmark_runs_on_a_cpu_at_the_tiny_shape(run):
+def test_the_gpu_benchmark_runs_on_a_cpu_at_the_tiny_shape(run, capsys):
     # the plumbing of results/gpu/benchmark.py (model and data built locally, the recommended flags,
     # the measuring wrapper), at a 2-layer shape on the CPU: one line per file, a failure fails the run
     p = run("results/gpu/benchmark.py", "--shape", "tiny", "--device", "cpu", "--steps", 2, "--methods", "grpo")
     assert p.returncode == 0, p.stderr
     assert re.search(r"^grpo: [0-9.]+ s/step, peak GPU memory n/a, peak RSS [0-9.]+ GB", p.stdout, re.M), p.stdout
-    bad = run("results/gpu/benchmark.py", "--device", "cpu", "--steps", 1)
-    assert bad.returncode == 2 and "--steps 1" in bad.stderr
+    benchmark = load_script("results/gpu/benchmark.py")
+    with pytest.raises(SystemExit) as bad:
+        benchmark.main(["--device", "cpu", "--steps", 1])
+    assert bad.value.code == 2 and "--steps 1" in capsys.readouterr().err
