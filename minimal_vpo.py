@@ -39,6 +39,8 @@ ON_EVAL_LINE = ("best@1", "best@9", "gold@3", "diversity")  # the final line has
 @dataclass
 class Args:
     task, binary = "reverse", False  # not flags: the (quality, brevity) reward is defined on reverse only
+    eval_size: int = 0
+    """held-out prompts evaluated, the first of the held-out set (0: all 256, each with --eval_chains samples)"""
     model: str = ""
     """Hugging Face causal LM (hub id or local folder); empty builds the tiny default Llama"""
     warmup_steps: int = -1
@@ -190,8 +192,7 @@ def check_args(args):
         tt.fail(f"--beta must not be negative, got {args.beta}")
     if args.m < 1 or args.n_weights < 1:
         tt.fail(f"--m and --n_weights must be at least 1, got {args.m} and {args.n_weights}")
-    need = tt.AnswerSetTask(m=args.m).tokens_needed()
-    if args.max_new_tokens < need:
+    if args.max_new_tokens < (need := tt.AnswerSetTask(m=args.m).tokens_needed()):
         tt.fail(f"--max_new_tokens {args.max_new_tokens} cannot fit {args.m} answers; give {need}")
     if args.set_score not in ("vpo", "sum", "max"):
         tt.fail(f"--set_score {args.set_score!r} is unknown; choose vpo, sum or max")

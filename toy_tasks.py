@@ -17,6 +17,7 @@ one that the name above it calls; the files call it directly only where they nee
     setup(args)                    seeds, then make_task, load_policy, Logger -> (task, model, tok, device, logger, rng)
   Tasks
     make_task(name, ...)           a toy task by name (TASKS, TASK_NAMES), or gsm8k from gsm8k.py
+    first_held_out(task, n)          --eval_size: evaluate the first n held-out prompts of a toy task
     Example                          prompt, answer, and the privileged context only a teacher sees
     Task                             base: held-out set, sample(rng, n), reward, rewards, attach(tok), extra_metrics
     char_accuracy(pred, target)      per-character credit, the reward of reverse
@@ -305,10 +306,15 @@ def make_task(name, binary=False, data="", eval_size=0):
         return gsm8k.GSM8KTask(data, eval_size)
     if name not in TASKS:
         fail(f"--task {name!r} is unknown; choose one of {', '.join(TASK_NAMES)}")
-    task = TASKS[name](binary=binary)
+    return first_held_out(TASKS[name](binary=binary), eval_size)
+
+
+def first_held_out(task, eval_size):
+    """--eval_size N on a toy task (0: every held-out prompt): a quicker, noisier evaluation of the first N;
+    training still avoids every held-out prompt."""
     if eval_size > len(task.test):
-        fail(f"--eval_size {eval_size} is larger than the {name} task's held-out set ({len(task.test)} prompts)")
-    if eval_size:  # a quicker, noisier evaluation: the first prompts; training still avoids every held-out one
+        fail(f"--eval_size {eval_size} is larger than the {task.name} task's held-out set ({len(task.test)} prompts)")
+    if eval_size:
         task.test = task.test[:eval_size]
     return task
 
@@ -991,7 +997,8 @@ def setup(args, task=None):
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     device = pick_device(args.device, bool(args.model))
-    task = task or make_task(args.task, args.binary, getattr(args, "data", ""), getattr(args, "eval_size", 0))
+    eval_size, data = getattr(args, "eval_size", 0), getattr(args, "data", "")  # VPO and Pedagogical: no --data
+    task = first_held_out(task, eval_size) if task else make_task(args.task, args.binary, data, eval_size)
     model, tok = load_policy(args, task, device)
     logger = Logger(args.log_jsonl)
     return task, model, tok, device, logger, random.Random(args.seed)

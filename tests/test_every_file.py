@@ -960,6 +960,8 @@ BAD_FLAGS = [
     ("pg", ["--log_jsonl", "/proc/no/such/dir/a.jsonl"], "--log_jsonl"),  # a folder that cannot be created
     ("pg", ["--eval_size", "-1"], "--eval_size"),
     ("pg", ["--eval_size", "257"], "--eval_size"),  # reverse holds out 256 prompts
+    ("vpo", ["--eval_size", "257"], "--eval_size"),  # a task the file builds itself, cut by tt.setup
+    ("pedagogical", ["--eval_size", "257"], "--eval_size"),  # keyed holds out reverse's 256
     ("grpo", [*SHORT["grpo"], "--micro_batch", -1], "--micro_batch"),
     ("grpo", [*SHORT["grpo"], "--micro_batch", 5], "--micro_batch"),  # more prompts than the 4 a step trains on
     ("grpo", [*SHORT["grpo"], "--dtype", "float16"], "--dtype"),
@@ -1118,6 +1120,12 @@ def test_every_file_has_its_page_and_its_test_file():
     for name in found:
         assert (ROOT / "docs" / f"{name}.md").exists() and (ROOT / "tests" / f"test_{name}.py").exists(), name
         assert f"docs/{name}.md" in readme, f"the README's methods table does not link docs/{name}.md"
+
+
+def test_every_method_file_is_150_to_300_lines():
+    for name in NAMES:
+        lines = len((ROOT / f"minimal_{name}.py").read_text().splitlines())
+        assert 150 <= lines <= 300, f"minimal_{name}.py has {lines} lines"
 
 
 def test_toy_tasks_opens_with_a_map_of_every_public_name():
