@@ -73,7 +73,8 @@ def run_main(script, *args, held_out=HELD_OUT):
     module = importlib.import_module(Path(script).stem)
     out, err, code = io.StringIO(), io.StringIO(), 0
     toy = Path(script).name.startswith("minimal_") and "gsm8k" not in map(str, args)  # GSM8K's: its own --eval_size
-    argv, sys.argv = sys.argv, [script, *(["--eval_size", str(held_out)] if held_out and toy else []), *map(str, args)]
+    first = ["--eval_size", str(held_out)] if held_out and toy else []
+    argv, sys.argv = sys.argv, [script, *first, *map(str, args)]
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             module.main()
