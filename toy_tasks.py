@@ -931,7 +931,7 @@ def check_common_args(args, min_group=2):
         gsm8k.check_args(args)  # its own budget (256 tokens), its --data, a --model
     elif getattr(args, "data", ""):
         fail(f"--data applies to --task gsm8k; the {args.task} task is generated")
-    if getattr(args, "eval_size", 0) < 0:
+    if args.eval_size < 0:  # every file has --eval_size
         fail(f"--eval_size must not be negative, got {args.eval_size}")
     if args.max_new_tokens == -1:  # the task's own budget: 10 tokens for the toys
         args.max_new_tokens = Task.max_new_tokens
@@ -997,8 +997,8 @@ def setup(args, task=None):
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     device = pick_device(args.device, bool(args.model))
-    eval_size, data = getattr(args, "eval_size", 0), getattr(args, "data", "")  # VPO and Pedagogical: no --data
-    task = first_held_out(task, eval_size) if task else make_task(args.task, args.binary, data, eval_size)
+    data = getattr(args, "data", "")  # VPO and Pedagogical RL have no --data
+    task = first_held_out(task, args.eval_size) if task else make_task(args.task, args.binary, data, args.eval_size)
     model, tok = load_policy(args, task, device)
     logger = Logger(args.log_jsonl)
     return task, model, tok, device, logger, random.Random(args.seed)
